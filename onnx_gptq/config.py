@@ -1,0 +1,160 @@
+"""Quantization settings: frozen, validated on construction, no I/O.
+
+`QuantConfig` says *how* weights are quantized (solver and format) and *which*
+layers are (include/exclude patterns, the output head). Calibration settings
+(samples, sequence length, batch) live in :class:`CalibConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from onnx_gptq.errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+class Algo(str, enum.Enum):
+    """Weight solver."""
+
+    GPTQ = "gptq"
+    RTN = "rtn"  # round-to-nearest, the baseline
+
+
+class Format(str, enum.Enum):
+    """Packed-node format written into the output model."""
+
+    AUTO = "auto"  # ORT when it can express the configuration, else CUSTOM
+    ORT = "ort"  # com.microsoft.MatMulNBits
+    QDQ = "qdq"  # ONNX DequantizeLinear (blocked) feeding the original MatMul
+    CUSTOM = "custom"  # onnx_gptq.GptqMatMul from custom_ops/
+
+
+def _enum(cls: type[enum.Enum], value: Any, option: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).lower())
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise ConfigError(f"{option}: {value!r} is not one of {choices}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How and which weights are quantized.
+
+    Args:
+        bits: code width, one of 2, 3, 4, 8.
+        group_size: input columns sharing one scale/zero point; -1 means one
+            group per output channel (the whole input dimension). The last group
+            may be shorter (ragged) when it does not divide K.
+        sym: symmetric grid (zero point fixed at 2**(bits-1)) instead of a
+            per-group min/max grid.
+        act_order: quantize columns in order of decreasing Hessian diagonal.
+        static_groups: with act_order, fix every group's grid before solving so
+            groups stay contiguous in the original column order (no g_idx needed).
+            False gives the reference's dynamic groups and a g_idx (custom format).
+        damp: damping added to diag(H), as a fraction of mean(diag(H)).
+        blocksize: columns per lazy-batch update in the solver.
+        mse: search a shrunk clipping range per group minimising the squared error.
+        algo: "gptq" or "rtn".
+        format: "auto", "ort", "qdq" or "custom".
+        include: regexes; when given, only matching layers are quantized.
+        exclude: regexes; matching layers stay float.
+        quantize_head: also quantize the output head (stays float by default).
+        accuracy_level: MatMulNBits accuracy_level attribute for the ort format
+            (0: default; 4: int8 compute on CPU).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    act_order: bool = False
+    static_groups: bool = True
+    damp: float = 0.01
+    blocksize: int = 128
+    mse: bool = False
+    algo: Algo = Algo.GPTQ
+    format: Format = Format.AUTO
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    quantize_head: bool = False
+    accuracy_level: int = 0
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("algo", _enum(Algo, self.algo, "algo"))
+        set_("format", _enum(Format, self.format, "format"))
+        set_("include", tuple(self.include))
+        set_("exclude", tuple(self.exclude))
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"bits: {self.bits} is not supported (choose one of 2, 3, 4, 8)")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ConfigError(f"group_size: {self.group_size} must be -1 (per channel) or positive")
+        if not 0.0 <= self.damp < 1.0:
+            raise ConfigError(f"damp: {self.damp} must be in [0, 1)")
+        if self.blocksize < 1:
+            raise ConfigError(f"blocksize: {self.blocksize} must be positive")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"accuracy_level: {self.accuracy_level} must be 0..4")
+        if self.format is Format.ORT and self.bits == 3:
+            raise ConfigError("bits: 3-bit weights cannot be written as com.microsoft.MatMulNBits "
+                              "(format 'ort'); use --format custom or auto")
+        if self.format is Format.QDQ and self.bits not in (4, 8):
+            raise ConfigError(f"bits: {self.bits}-bit weights cannot be written as DequantizeLinear "
+                              "(format 'qdq' takes 4 or 8); use --format custom or auto")
+        needs_g_idx = self.act_order and not self.static_groups and self.group_size != -1
+        if needs_g_idx and self.format in (Format.ORT, Format.QDQ):
+            raise ConfigError(f"act_order without static groups needs g_idx, which format "
+                              f"'{self.format.value}' cannot express; use --format custom")
+
+    @property
+    def needs_g_idx(self) -> bool:
+        """True when groups are not contiguous in the original column order."""
+        return self.act_order and not self.static_groups and self.group_size != -1
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["algo"] = self.algo.value
+        out["format"] = self.format.value
+        out["include"] = list(self.include)
+        out["exclude"] = list(self.exclude)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown quantization option(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibConfig:
+    """Calibration settings.
+
+    Args:
+        num_samples: sequences drawn from the calibration data.
+        seq_len: tokens per sequence (clipped to what the model accepts).
+        batch_size: sequences per onnxruntime run.
+        providers: onnxruntime execution providers, in order of preference.
+        seed: seed for drawing windows out of long text.
+    """
+
+    num_samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 4
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "providers", tuple(self.providers))
+        for name in ("num_samples", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
+        if not self.providers:
+            raise ConfigError("providers: at least one execution provider is needed")

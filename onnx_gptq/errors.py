@@ -1,0 +1,27 @@
+"""Exception types. Each message names the offending file, node, tensor or option.
+
+The CLI turns :class:`UserError` into a one-line message and exit code 2; anything
+else is an internal error (exit code 1).
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the user: a file, an option, calibration data or a model."""
+
+
+class ModelError(UserError):
+    """The model file is missing, unreadable, not ONNX, or has nothing to quantize."""
+
+
+class CalibrationError(UserError):
+    """Calibration data is missing, empty, too short, or does not fit the model."""
+
+
+class ConfigError(UserError, ValueError):
+    """An option value, or a combination of options, that cannot be honoured."""
+
+
+class OutputError(UserError):
+    """The output path cannot be written (same as input, unwritable directory...)."""
