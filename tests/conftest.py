@@ -13,21 +13,37 @@ from tests import tiny_models
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 
-def _exported(factory: pytest.TempPathFactory, name: str, build, dynamo: bool) -> Path:
-    directory = factory.mktemp(f"{name}_{'dynamo' if dynamo else 'torchscript'}")
-    return tiny_models.export(build(), directory / "model.onnx", dynamo=dynamo)
+_EXPORTS: dict[tuple[str, bool], Path] = {}
+_BUILDERS = {"llama": tiny_models.build_llama, "gpt2": tiny_models.build_gpt2}
+
+
+def _exported(factory: pytest.TempPathFactory, name: str, dynamo: bool) -> Path:
+    """Export each (architecture, exporter) once per test session."""
+    key = (name, dynamo)
+    if key not in _EXPORTS:
+        directory = factory.mktemp(f"{name}_{'dynamo' if dynamo else 'torchscript'}")
+        _EXPORTS[key] = tiny_models.export(_BUILDERS[name](), directory / "model.onnx", dynamo=dynamo)
+    return _EXPORTS[key]
 
 
 @pytest.fixture(scope="session", params=[True, False], ids=["dynamo", "torchscript"])
 def tiny_llama_onnx(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama-style model (MatMul weights, tied head), exported both ways."""
-    return _exported(tmp_path_factory, "llama", tiny_models.build_llama, request.param)
+    return _exported(tmp_path_factory, "llama", request.param)
 
 
 @pytest.fixture(scope="session", params=[True, False], ids=["dynamo", "torchscript"])
 def tiny_gpt2_onnx(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer GPT-2-style model (Gemm weights with bias), exported both ways."""
-    return _exported(tmp_path_factory, "gpt2", tiny_models.build_gpt2, request.param)
+    return _exported(tmp_path_factory, "gpt2", request.param)
+
+
+@pytest.fixture(scope="session", params=[("llama", True), ("llama", False), ("gpt2", True), ("gpt2", False)],
+                ids=["llama-dynamo", "llama-torchscript", "gpt2-dynamo", "gpt2-torchscript"])
+def tiny_lm_onnx(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """Every tiny architecture with every exporter: (architecture, path)."""
+    name, dynamo = request.param
+    return name, _exported(tmp_path_factory, name, dynamo)
 
 
 @pytest.fixture(scope="session")

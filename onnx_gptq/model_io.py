@@ -1,0 +1,144 @@
+"""Reading and writing models: clear errors, lazy weights, atomic output.
+
+Weights stay lazy: `onnx_ir.load` memory-maps external data, so a tensor is
+read only when the solver asks for it or the writer copies it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from onnx_gptq.errors import ConfigError, ModelError, OutputError
+
+logger = logging.getLogger(__name__)
+
+# Protobuf cannot hold more than 2 GiB; above this, tensors go to external data.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def files_size(path: Path) -> int:
+    """Bytes of an .onnx file plus the external data files it refers to."""
+    total = path.stat().st_size
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - size is informative only
+        return total
+    seen: set[str] = set()
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                data = path.parent / entry.value
+                if data.exists():
+                    total += data.stat().st_size
+    return total
+
+
+def load(path: Path) -> tuple[ir.Model, int]:
+    """Load an ONNX model lazily. Returns the model and its size on disk in bytes."""
+    if not path.exists():
+        raise ModelError(f"model file '{path}' does not exist")
+    if path.is_dir():
+        raise ModelError(f"model path '{path}' is a directory, not an .onnx file")
+    try:
+        model = ir.load(path)
+    except FileNotFoundError as exc:
+        raise ModelError(f"model '{path}': external data file missing ({exc.filename or exc})") from None
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several unrelated types
+        raise ModelError(f"'{path}' is not a readable ONNX model ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'corrupt protobuf'})") from None
+    if len(model.graph) == 0:
+        raise ModelError(f"'{path}' has an empty graph (is it an ONNX model?)")
+    return model, files_size(path)
+
+
+def base_dir(model: ir.Model) -> Path | None:
+    """The directory the model's external tensors live in, if any."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            return Path(tensor.base_dir)
+    return None
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """A ModelProto of `model`; external tensors stay references (nothing is read)."""
+    return ir.serde.serialize_model(model)
+
+
+def default_opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+
+
+def with_opset(model: ir.Model, version: int) -> ir.Model:
+    """`model` if its default-domain opset is at least `version`, else a converted copy.
+
+    Uses onnx's version converter; external tensors stay references to the
+    same files.
+    """
+    current = default_opset(model)
+    if current >= version:
+        return model
+    import onnx.version_converter
+
+    directory = base_dir(model)
+    try:
+        converted = onnx.version_converter.convert_version(to_proto(model), version)
+    except Exception as exc:  # noqa: BLE001 - the converter raises many types
+        raise ConfigError(f"format 'qdq' needs opset >= {version} and converting the model from opset "
+                          f"{current} failed ({str(exc).splitlines()[0]}); use --format ort or custom") from None
+    result = ir.serde.deserialize_model(converted)
+    if directory is not None:
+        ir.external_data.set_base_dir(result.graph, directory)
+    logger.info("converted the model from opset %d to %d for blocked DequantizeLinear", current, version)
+    return result
+
+
+def check_output_path(source: Path, output: Path) -> Path:
+    """Validate the output path before any work is done."""
+    if output.exists() and output.is_dir():
+        raise OutputError(f"output '{output}' is a directory; give a file path")
+    if source.exists() and output.resolve() == source.resolve():
+        raise OutputError(f"output '{output}' is the input model; choose another path")
+    directory = output.parent if str(output.parent) else Path(".")
+    if not directory.is_dir():
+        raise OutputError(f"output directory '{directory}' does not exist")
+    if not os.access(directory, os.W_OK):
+        raise OutputError(f"output directory '{directory}' is not writable")
+    return output
+
+
+def _tensor_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_atomic(model: ir.Model, path: Path) -> int:
+    """Write `model` to `path` all at once: either the whole result appears or nothing.
+
+    Models whose tensors exceed protobuf's 2 GiB limit get an external data file
+    `<name>.data` beside them. Returns the bytes written.
+    """
+    directory = path.parent if str(path.parent) else Path(".")
+    external = _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = f"{path.name}.data"
+    tmp = Path(tempfile.mkdtemp(prefix=".onnx-gptq-", dir=directory))
+    try:
+        tmp_model = tmp / path.name
+        ir.save(model, tmp_model, external_data=data_name if external else None)
+        written = tmp_model.stat().st_size
+        if external:
+            written += (tmp / data_name).stat().st_size
+            os.replace(tmp / data_name, directory / data_name)
+        os.replace(tmp_model, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written

@@ -1,0 +1,70 @@
+"""What a quantization run did: per-layer rows, skipped nodes, phase times, sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass
+class LayerRow:
+    """One quantized weight.
+
+    `error` and `rtn_error` are relative output errors tr(dW H dW^T) / tr(W H W^T)
+    of the solver's result and of round-to-nearest on the same grid (H from
+    calibration; weight-space errors when there was none).
+    """
+
+    name: str
+    module: str
+    nodes: list[str]
+    shape: tuple[int, int]  # (K, N)
+    bits: int
+    group_size: int
+    format: str
+    damp: float
+    error: float
+    rtn_error: float
+    seconds: float
+    calibration_rows: int
+
+
+@dataclasses.dataclass
+class Report:
+    config: dict[str, Any]
+    layers: list[LayerRow] = dataclasses.field(default_factory=list)
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    format_notes: list[str] = dataclasses.field(default_factory=list)
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    size_before: int | None = None
+    size_after: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def summary(self) -> str:
+        """A few lines for the end of a CLI run."""
+        lines = [f"quantized {len(self.layers)} weight(s); left {len(self.skipped)} MatMul/Gemm node(s) float"]
+        if self.layers:
+            mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+            lines.append(
+                f"mean relative output error: {mean([r.error for r in self.layers]):.3e} "
+                f"(round-to-nearest: {mean([r.rtn_error for r in self.layers]):.3e})")
+            formats: dict[str, int] = {}
+            for r in self.layers:
+                formats[r.format] = formats.get(r.format, 0) + 1
+            lines.append("formats: " + ", ".join(f"{k} x{v}" for k, v in sorted(formats.items())))
+        if self.size_before and self.size_after:
+            lines.append(f"size: {_mib(self.size_before)} -> {_mib(self.size_after)} "
+                         f"({100.0 * (1 - self.size_after / self.size_before):.1f}% smaller)")
+        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.phases.items()))
+        return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"

@@ -1,0 +1,230 @@
+"""Stage 5: replace each quantized MatMul/Gemm with its packed form.
+
+Formats (see `onnx_gptq.config.Format`):
+
+* ort:    `com.microsoft.MatMulNBits` (A, B, scales, zero_points, -, bias)
+* custom: `onnx_gptq.GptqMatMul` (A, B, scales, zero_points, g_idx, bias), docs/CUSTOM_OP.md
+* qdq:    `DequantizeLinear` (blocked, opset 21) feeding the original MatMul/Gemm
+
+Packed tensors come from `onnx_gptq.pack` and hold the solver's codes, scales
+and zero points unchanged; they are shared by all consumers of one weight.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_gptq import model_io, pack
+from onnx_gptq.config import Format
+from onnx_gptq.qweight import QuantizedWeight
+from onnx_gptq.targets import Target, WeightGroup
+
+logger = logging.getLogger(__name__)
+
+ORT_DOMAIN = "com.microsoft"
+CUSTOM_DOMAIN = "onnx_gptq"
+CUSTOM_OP_TYPE = "GptqMatMul"
+QDQ_MIN_OPSET = 21
+_ORT_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+
+
+def choose_format(requested: Format, qw: QuantizedWeight, dtype: ir.DataType) -> tuple[Format, str]:
+    """The format a weight is written in, and why (for AUTO).
+
+    Args:
+        requested: the configured format.
+        qw: the solver's result.
+        dtype: the dtype the consuming nodes compute in.
+    Returns:
+        (format, reason); reason is "" unless AUTO had to fall back to CUSTOM.
+    """
+    if requested is not Format.AUTO:
+        return requested, ""
+    reason = pack.can_pack_matmulnbits(qw)
+    if reason is None and dtype not in _ORT_DTYPES:
+        reason = f"{dtype} activations"
+    if reason is None:
+        return Format.ORT, ""
+    return Format.CUSTOM, f"MatMulNBits cannot express {reason}"
+
+
+def _unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
+    name, i = base, 0
+    while name in taken or name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+class _Builder:
+    """Adds initializers with unique names derived from a weight's name."""
+
+    def __init__(self, graph: ir.Graph, base: str, taken: set[str]) -> None:
+        self.graph, self.base, self.taken = graph, base, taken
+
+    def initializer(self, suffix: str, array: np.ndarray) -> ir.Value:
+        name = _unique_name(self.graph, f"{self.base}_{suffix}", self.taken)
+        tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
+                         const_value=tensor)
+        self.graph.register_initializer(value)
+        return value
+
+    def name(self, suffix: str) -> str:
+        return _unique_name(self.graph, f"{self.base}_{suffix}", self.taken)
+
+
+def _cast(array: np.ndarray, dtype: ir.DataType) -> np.ndarray:
+    return array.astype(dtype.numpy())
+
+
+def _const_bias(target: Target, n: int, dtype: ir.DataType) -> np.ndarray | None:
+    """Gemm's beta*C as a [N] array when C is a constant broadcastable to [N]."""
+    if target.bias is None:
+        return None
+    tensor = target.bias.const_value
+    if tensor is None:
+        return None
+    c = tensor.numpy().astype(np.float32)
+    if c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1) or c.ndim > 2:
+        return None
+    return _cast(np.broadcast_to(c.reshape(-1), (n,)) * np.float32(target.bias_scale), dtype)
+
+
+def _replace_output(graph: ir.Graph, old: ir.Node, new_output: ir.Value) -> None:
+    old_output = old.outputs[0]
+    new_output.shape = old_output.shape
+    new_output.type = old_output.type
+    if old_output.is_graph_output():
+        index = [i for i, v in enumerate(graph.outputs) if v is old_output]
+        name = old_output.name
+        old_output.name = f"{name}__float"
+        new_output.name = name
+        for i in index:
+            graph.outputs[i] = new_output
+    old_output.replace_all_uses_with(new_output)
+
+
+def _packed_node(target: Target, op: tuple[str, str], inputs: list[ir.Value | None],
+                 attributes: dict[str, int], builder: _Builder, n: int) -> None:
+    """Put a packed op in place of `target.node` (Gemm's bias folded in when constant)."""
+    graph = target.node.graph
+    assert graph is not None
+    bias = _const_bias(target, n, target.dtype)
+    bias_value = builder.initializer("bias", bias) if bias is not None else None
+    args = [target.activation, *inputs, bias_value]
+    while args and args[-1] is None:
+        args.pop()
+    output = ir.Value(name=builder.name("out"))
+    node = ir.Node(op[0], op[1], args, attributes=ir.convenience.convert_attributes(attributes),
+                   outputs=[output], name=f"{target.name}_{op[1]}")
+    graph.insert_before(target.node, node)
+    result = output
+    if target.bias is not None and bias is None:
+        # Gemm's C is not a constant [N]: keep it as an Add (and Mul by beta).
+        c = target.bias
+        if target.bias_scale != 1.0:
+            beta = builder.initializer("beta", np.array(target.bias_scale, dtype=target.dtype.numpy()))
+            mul = ir.Node("", "Mul", [c, beta], outputs=[ir.Value(name=builder.name("scaled_bias"))])
+            graph.insert_before(target.node, mul)
+            c = mul.outputs[0]
+        add = ir.Node("", "Add", [output, c], outputs=[ir.Value(name=builder.name("biased"))],
+                      name=f"{target.name}_bias")
+        graph.insert_before(target.node, add)
+        result = add.outputs[0]
+    _replace_output(graph, target.node, result)
+    graph.remove(target.node, safe=True)
+
+
+def _rewrite_ort(group: WeightGroup, qw: QuantizedWeight, builder: _Builder, accuracy_level: int) -> None:
+    t = pack.pack_matmulnbits(qw)
+    dtype = group.dtype
+    inputs = [builder.initializer("B", t.B), builder.initializer("scales", _cast(t.scales, dtype))]
+    if t.zero_points is not None:
+        inputs.append(builder.initializer("zero_points", t.zero_points))
+    else:
+        inputs.append(None)
+    inputs.append(None)  # g_idx: never written for MatMulNBits
+    attributes = {"K": t.K, "N": t.N, "bits": t.bits, "block_size": t.block_size,
+                  "accuracy_level": accuracy_level}
+    for target in group.targets:
+        _packed_node(target, (ORT_DOMAIN, "MatMulNBits"), inputs, attributes, builder, t.N)
+
+
+def _rewrite_custom(group: WeightGroup, qw: QuantizedWeight, builder: _Builder) -> None:
+    t = pack.pack_custom(qw)
+    dtype = group.dtype
+    inputs = [
+        builder.initializer("B", t.B),
+        builder.initializer("scales", _cast(t.scales, dtype)),
+        builder.initializer("zero_points", t.zero_points) if t.zero_points is not None else None,
+        builder.initializer("g_idx", t.g_idx) if t.g_idx is not None else None,
+    ]
+    attributes = {"K": t.K, "N": t.N, "bits": t.bits, "block_size": t.block_size}
+    for target in group.targets:
+        _packed_node(target, (CUSTOM_DOMAIN, CUSTOM_OP_TYPE), inputs, attributes, builder, t.N)
+
+
+def _rewrite_qdq(group: WeightGroup, qw: QuantizedWeight, builder: _Builder) -> None:
+    t = pack.pack_qdq(qw)
+    dtype = group.dtype
+    inputs: list[ir.Value | None] = [builder.initializer("codes", t.codes),
+                                     builder.initializer("scales", _cast(t.scales, dtype))]
+    if t.zero_points is not None:
+        inputs.append(builder.initializer("zero_points", t.zero_points))
+    attributes = {"axis": t.axis}
+    if t.block_size:
+        attributes["block_size"] = t.block_size
+    weight = ir.Value(name=builder.name("dequantized"), type=ir.TensorType(dtype),
+                      shape=ir.Shape(list(qw.shape[::-1])))
+    dq = ir.Node("", "DequantizeLinear", inputs, attributes=ir.convenience.convert_attributes(attributes),
+                 outputs=[weight], name=f"{group.name}_DequantizeLinear")
+    first = group.targets[0].node
+    assert first.graph is not None
+    first.graph.insert_before(first, dq)
+    for target in group.targets:
+        target.node.replace_input_with(1, weight)
+        if target.node.op_type == "Gemm":
+            # The codes already hold transB and alpha: W is [K, N] and scaled.
+            target.node.attributes["transB"] = ir.AttrInt64("transB", 0)
+            target.node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
+
+
+def rewrite_group(model: ir.Model, group: WeightGroup, qw: QuantizedWeight, fmt: Format,
+                  *, accuracy_level: int = 0, taken_names: set[str] | None = None) -> None:
+    """Replace every consumer of `group`'s weight by the packed form of `qw`.
+
+    Args:
+        model: the model, modified in place.
+        group: the weight and its consumers (from `targets.find_targets`).
+        qw: the solver's result for this weight, [N, K].
+        fmt: a concrete format (not AUTO; see `choose_format`).
+        accuracy_level: MatMulNBits accuracy_level (ort format).
+        taken_names: names already used by earlier rewrites (updated).
+    """
+    builder = _Builder(model.graph, group.name.replace("::", "_"), taken_names if taken_names is not None else set())
+    if fmt is Format.ORT:
+        _rewrite_ort(group, qw, builder, accuracy_level)
+        model.opset_imports.setdefault(ORT_DOMAIN, 1)
+    elif fmt is Format.CUSTOM:
+        _rewrite_custom(group, qw, builder)
+        model.opset_imports.setdefault(CUSTOM_DOMAIN, 1)
+    elif fmt is Format.QDQ:
+        if model_io.default_opset(model) < QDQ_MIN_OPSET:
+            raise ValueError(f"blocked DequantizeLinear needs opset >= {QDQ_MIN_OPSET}: "
+                             "convert with model_io.with_opset first")
+        _rewrite_qdq(group, qw, builder)
+    else:
+        raise ValueError(f"rewrite_group needs a concrete format, got {fmt}")
+
+
+def remove_unused(model: ir.Model) -> None:
+    """Drop float weights and pass-through nodes that no node uses any more."""
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    graph = model.graph
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+        graph.initializers.pop(name)
