@@ -1,0 +1,163 @@
+"""Command line: `onnx-gptq model.onnx --calib data.txt -o model.q4.onnx`.
+
+Subcommands: `onnx-gptq export ...` (torch / transformers -> ONNX) and
+`onnx-gptq eval ...` (perplexity and fidelity through onnxruntime).
+
+Exit codes: 0 success, 2 bad input (a one-line message naming the file, node
+or option), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from onnx_gptq import __version__
+from onnx_gptq.config import Algo, CalibConfig, Format, QuantConfig
+from onnx_gptq.errors import UserError
+
+logger = logging.getLogger("onnx_gptq")
+
+SUBCOMMANDS = ("export", "eval")
+
+
+def _providers(text: str) -> tuple[str, ...]:
+    if text != "auto":
+        return tuple(p.strip() for p in text.split(",") if p.strip())
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    preferred = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return tuple(preferred) or ("CPUExecutionProvider",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnx-gptq",
+        description="GPTQ weight-only quantization of an ONNX model. "
+                    f"Also: 'onnx-gptq export --help', 'onnx-gptq eval --help'.")
+    parser.add_argument("model", type=Path, help="input .onnx model (never modified)")
+    parser.add_argument("-o", "--output", type=Path, help="output .onnx path (default: <model>.q<bits>.onnx)")
+    parser.add_argument("--version", action="version", version=f"onnx-gptq {__version__}")
+
+    data = parser.add_argument_group("calibration")
+    data.add_argument("--calib", help="text file (needs --tokenizer), .npy / .jsonl token ids, "
+                                      "or 'self' to sample sequences from the model itself")
+    data.add_argument("--tokenizer", help="tokenizer.json, a transformers tokenizer directory, or a .gguf file")
+    data.add_argument("--num-samples", type=int, default=CalibConfig.num_samples, help="sequences (default 128)")
+    data.add_argument("--seq-len", type=int, default=CalibConfig.seq_len, help="tokens per sequence (default 512)")
+    data.add_argument("--batch-size", type=int, default=CalibConfig.batch_size, help="sequences per run (default 4)")
+    data.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
+    data.add_argument("--providers", default="auto",
+                      help="onnxruntime execution providers, comma separated (default: CUDA if present, else CPU)")
+
+    quant = parser.add_argument_group("quantization")
+    quant.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    quant.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 per channel (default 128)")
+    sym = quant.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=False, help="symmetric grid")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
+    quant.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
+    quant.add_argument("--dynamic-groups", action="store_true",
+                       help="with --act-order: groups formed in activation order (writes g_idx; custom format)")
+    quant.add_argument("--damp", type=float, default=0.01, help="damping, fraction of mean diag(H) (default 0.01)")
+    quant.add_argument("--blocksize", type=int, default=128, help="solver lazy-batch block (default 128)")
+    quant.add_argument("--mse", action="store_true", help="search the clipping range per group")
+    quant.add_argument("--algo", default="gptq", choices=[a.value for a in Algo], help="solver (default gptq)")
+    quant.add_argument("--format", default="auto", choices=[f.value for f in Format],
+                       help="auto (default): MatMulNBits when it can express the result, else our custom op")
+    quant.add_argument("--accuracy-level", type=int, default=0, help="MatMulNBits accuracy_level (default 0)")
+
+    which = parser.add_argument_group("which layers")
+    which.add_argument("--include", action="append", default=[], metavar="REGEX",
+                       help="only quantize layers whose node, weight or torch module name matches (repeatable)")
+    which.add_argument("--exclude", action="append", default=[], metavar="REGEX",
+                       help="leave matching layers float (repeatable)")
+    which.add_argument("--quantize-head", action="store_true", help="also quantize the output head")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--report", type=Path, help="write a per-layer JSON report here")
+    out.add_argument("-v", "--verbose", action="store_true", help="say why each node was skipped; tracebacks")
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    return parser
+
+
+def _configs(args: argparse.Namespace) -> tuple[QuantConfig, CalibConfig]:
+    quant = QuantConfig(bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
+                        static_groups=not args.dynamic_groups, damp=args.damp, blocksize=args.blocksize,
+                        mse=args.mse, algo=args.algo, format=args.format, include=tuple(args.include),
+                        exclude=tuple(args.exclude), quantize_head=args.quantize_head,
+                        accuracy_level=args.accuracy_level)
+    calib = CalibConfig(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                        providers=_providers(args.providers), seed=args.seed)
+    return quant, calib
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from onnx_gptq.quantize import quantize_with_report
+
+    quant, calib = _configs(args)
+    output = args.output or args.model.with_name(f"{args.model.stem}.q{quant.bits}.onnx")
+    calibration = args.calib
+    if calibration is not None and calibration != "self":
+        calibration = Path(calibration)
+        if not calibration.exists():
+            raise UserError(f"calibration file '{calibration}' does not exist")
+    if calibration is None and quant.algo is Algo.GPTQ:
+        raise UserError("--calib is required for gptq (a text file with --tokenizer, .npy/.jsonl ids, "
+                        "or 'self'); or use --algo rtn")
+    _, report = quantize_with_report(args.model, calibration, quant, calib=calib, output=output,
+                                     tokenizer=args.tokenizer, report=args.report, progress=not args.quiet)
+    if args.verbose:
+        for skip in report.skipped:
+            print(f"skipped {skip['node']}: {skip['reason']}")
+        for note in report.format_notes:
+            print(note)
+    if not args.quiet:
+        print(report.summary())
+        print(f"wrote {output}")
+    return 0
+
+
+def _subcommand_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    if name == "export":
+        from onnx_gptq import export as module
+    else:
+        from onnx_gptq import evaluate as module
+    parser = argparse.ArgumentParser(prog=f"onnx-gptq {name}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
+    module.configure_parser(parser)
+    return parser, module
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in argv or "--verbose" in argv
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            parser, module = _subcommand_parser(argv[0])
+            args = parser.parse_args(argv[1:])
+            return int(module.run(args) or 0)  # type: ignore[attr-defined]
+        args = build_parser().parse_args(argv)
+        return run_quantize(args)
+    except UserError as exc:
+        print(f"onnx-gptq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnx-gptq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence: no traceback for users
+        if verbose:
+            raise
+        print(f"onnx-gptq: internal error: {type(exc).__name__}: {exc} (run with --verbose for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
