@@ -40,6 +40,8 @@ DEFAULT_MAX_OUTPUT_BYTES = 4 << 30
 # A serialised ModelProto must stay below protobuf's 2 GiB; above this many
 # bytes of embedded tensor data, tensors are handed to onnxruntime separately.
 INLINE_BYTES_LIMIT = 1_800_000_000
+# ...and then every embedded tensor of at least this many bytes is.
+_INLINE_MIN_TENSOR_BYTES = 1 << 16
 
 CUSTOM_DOMAIN = "onnx_gptq"
 _PREFIX = "onnx_gptq_calib"
@@ -439,7 +441,7 @@ def _augmented(model: onnx.ModelProto, taps: list[_Tap]) -> tuple[onnx.ModelProt
     inline_total = sum(_embedded_bytes(t) for t in needed_inits)
     in_memory: dict[str, TensorProto] = {}
     for i, tensor in enumerate(needed_inits):
-        if inline_total > INLINE_BYTES_LIMIT and _embedded_bytes(tensor) > 1 << 16:
+        if inline_total > INLINE_BYTES_LIMIT and _embedded_bytes(tensor) >= _INLINE_MIN_TENSOR_BYTES:
             location = f"{_PREFIX}_inline_{i}.bin"
             ref = graph.initializer.add()
             ref.name, ref.data_type = tensor.name, tensor.data_type

@@ -103,6 +103,14 @@ class QuantConfig:
         if self.format is Format.ORT and self.bits == 3:
             raise ConfigError("bits: 3-bit weights cannot be written as com.microsoft.MatMulNBits "
                               "(format 'ort'); use --format custom or auto")
+        if self.format is Format.ORT and self.group_size != -1:
+            pow2 = self.group_size & (self.group_size - 1) == 0
+            if not pow2 or self.group_size < 16:
+                raise ConfigError(f"group_size: {self.group_size} cannot be written as com.microsoft.MatMulNBits "
+                                  "(format 'ort' takes powers of two >= 16, or -1); use --format custom or auto")
+            if self.bits == 2 and self.group_size > 256:
+                raise ConfigError(f"group_size: 2-bit MatMulNBits takes groups of at most 256, not "
+                                  f"{self.group_size}; use --format custom or auto")
         if self.format is Format.QDQ and self.bits not in (4, 8):
             raise ConfigError(f"bits: {self.bits}-bit weights cannot be written as DequantizeLinear "
                               "(format 'qdq' takes 4 or 8); use --format custom or auto")

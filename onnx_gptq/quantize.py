@@ -111,7 +111,7 @@ def quantize_model(model: ir.Model, calibration: Any, config: QuantConfig, *, ca
             result = solve(w.T, hessian, config, scale_dtype=_scale_dtype(group.dtype), name=group.name)
             del w
         with phase("pack+rewrite"):
-            fmt, why = rewrite.choose_format(config.format, result.qweight, group.dtype)
+            fmt, why = rewrite.choose_format(config.format, result.qweight, group.dtype, group.name)
             if why:
                 report.format_notes.append(f"{group.name}: written as {fmt.value} ({why})")
             rewrite.rewrite_group(model, group, result.qweight, fmt, accuracy_level=config.accuracy_level,

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from onnx_gptq import model_io, pack
 from onnx_gptq.config import Format
+from onnx_gptq.errors import ConfigError
 from onnx_gptq.qweight import QuantizedWeight
 from onnx_gptq.targets import Target, WeightGroup
 
@@ -31,23 +32,29 @@ QDQ_MIN_OPSET = 21
 _ORT_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 
 
-def choose_format(requested: Format, qw: QuantizedWeight, dtype: ir.DataType) -> tuple[Format, str]:
+def choose_format(requested: Format, qw: QuantizedWeight, dtype: ir.DataType, layer: str = "") -> tuple[Format, str]:
     """The format a weight is written in, and why (for AUTO).
 
     Args:
         requested: the configured format.
         qw: the solver's result.
         dtype: the dtype the consuming nodes compute in.
+        layer: the weight's name, for errors.
     Returns:
         (format, reason); reason is "" unless AUTO had to fall back to CUSTOM.
+    Raises:
+        ConfigError: an explicit 'ort' format that cannot hold this weight.
     """
-    if requested is not Format.AUTO:
+    if requested not in (Format.AUTO, Format.ORT):
         return requested, ""
     reason = pack.can_pack_matmulnbits(qw)
     if reason is None and dtype not in _ORT_DTYPES:
         reason = f"{dtype} activations"
     if reason is None:
         return Format.ORT, ""
+    if requested is Format.ORT:
+        raise ConfigError(f"layer '{layer}': format 'ort' (MatMulNBits) cannot express {reason}; "
+                          "use --format auto or custom")
     return Format.CUSTOM, f"MatMulNBits cannot express {reason}"
 
 
