@@ -479,7 +479,7 @@ def _augmented(model: onnx.ModelProto, taps: list[_Tap]) -> tuple[onnx.ModelProt
             helper.make_node("Cast", [f"{stem}/x2d"], [f"{stem}/xf"], to=TensorProto.FLOAT, name=f"{stem}/Cast"),
             helper.make_node("Transpose", [f"{stem}/xf"], [f"{stem}/xt"], perm=[1, 0], name=f"{stem}/Transpose"),
             helper.make_node("MatMul", [f"{stem}/xt", f"{stem}/xf"], [tap.xtx_output], name=f"{stem}/MatMul"),
-            helper.make_node("Size", [tap.name], [tap.size_output], name=f"{stem}/Size"),
+            helper.make_node("Size", [f"{stem}/xf"], [tap.size_output], name=f"{stem}/Size"),
         ])
         graph.output.extend([
             helper.make_tensor_value_info(tap.xtx_output, TensorProto.FLOAT, [tap.k, tap.k]),
@@ -574,6 +574,20 @@ def _make_session(model: onnx.ModelProto, taps: list[_Tap], folder: Path | None,
 # Running
 
 
+def _ort_feeds(feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Feeds onnxruntime's numpy bridge accepts: bfloat16 arrays (ml_dtypes) become OrtValues."""
+    out: dict[str, Any] = {}
+    for name, value in feeds.items():
+        array = np.asarray(value)
+        if array.dtype.name == "bfloat16":
+            array = np.ascontiguousarray(array)
+            out[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16),
+                                                                        TensorProto.BFLOAT16)
+        else:
+            out[name] = array
+    return out
+
+
 def _run_pass(session: ort.InferenceSession, taps: list[_Tap], batches: Iterable[dict[str, np.ndarray]],
               sums: dict[str, np.ndarray], rows: dict[str, int], *, progress: bool, label: str) -> None:
     inputs = {i.name for i in session.get_inputs()}
@@ -597,7 +611,7 @@ def _run_pass(session: ort.InferenceSession, taps: list[_Tap], batches: Iterable
         if missing:
             raise CalibrationError(f"calibration batch {index}: model input '{missing[0]}' is not fed")
         try:
-            results = session.run(output_names, dict(feeds))
+            results = session.run(output_names, _ort_feeds(feeds))
         except Exception as exc:  # noqa: BLE001 - onnxruntime's error types are not exported stably
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CalibrationError(f"calibration batch {index}: onnxruntime failed: {message}") from exc
