@@ -1,0 +1,298 @@
+// GEMV path of GptqMatMul: M <= 8 rows of A (decode), memory-bound.
+//
+// Fast kernel (no g_idx, block_size % 32 == 0, B 16-byte aligned): then each
+// packed row is one continuous bit stream and every run of 32 codes ("chunk",
+// 4*bits bytes) lies in one group. A warp owns kRowsPerWarp output rows and a
+// 1/ksplit share of K; lane i streams chunks i, i+32*ksplit, ... with one
+// 128-bit (8-bit: two, 2-bit: one 64-bit, 3-bit: three 32-bit) streaming load
+// per row, decodes the codes into float32 in registers, accumulates in float32,
+// and the ksplit warps of a row meet in shared memory at the end.
+//
+// Decoding: a code q (<= 8 bits) placed in the low byte of the float 2**23
+// (bit pattern 0x4B000000, one PRMT or LOP3) *is* the float 2**23 + q; one FADD
+// of -(2**23 + zero_point) then gives (q - zp) exactly. The scale is applied
+// once per chunk: acc += scale * sum_k a[k] * (q_k - zp). So per code and row:
+// ~1.5 integer ops, 1 FADD and one FFMA per row of A, all exact up to fp32
+// rounding of the products and sums, as the spec asks.
+//
+// Generic kernel (g_idx, odd block sizes, misaligned B): one warp per output
+// row, lanes stride over K, each code read from the bit stream byte-wise.
+#include "common.cuh"
+
+namespace onnx_gptq_cuda {
+namespace {
+
+constexpr int kWarps = 8;         // warps per CTA
+constexpr int kRowsPerWarp = 2;   // output rows sharing each A load
+constexpr int kChunk = 32;        // codes per chunk
+constexpr uint32_t kMagic = 0x4B000000u;  // float 2**23
+constexpr float kMagicF = 8388608.0f;
+
+__device__ __forceinline__ float magic_float(uint32_t x, uint32_t selector) {
+  // Byte `selector & 3` of x into byte 0 of 2**23 (bytes 1-2 zero, byte 3 0x4B).
+  return __uint_as_float(__byte_perm(x, kMagic, 0x7440u | selector));
+}
+
+// Packed bytes of one chunk (4*BITS bytes) as 32-bit words.
+template <int BITS>
+__device__ __forceinline__ void load_chunk(const uint8_t* __restrict__ p, uint32_t (&w)[8]) {
+  if constexpr (BITS == 4) {
+    const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p));
+    w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
+  } else if constexpr (BITS == 8) {
+    const uint4 v0 = __ldcs(reinterpret_cast<const uint4*>(p));
+    const uint4 v1 = __ldcs(reinterpret_cast<const uint4*>(p) + 1);
+    w[0] = v0.x; w[1] = v0.y; w[2] = v0.z; w[3] = v0.w;
+    w[4] = v1.x; w[5] = v1.y; w[6] = v1.z; w[7] = v1.w;
+  } else if constexpr (BITS == 2) {
+    const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+    w[0] = v.x; w[1] = v.y;
+  } else {  // 3 bits: 12 bytes, 4-byte aligned (chunk offsets are multiples of 12)
+    const unsigned int* q = reinterpret_cast<const unsigned int*>(p);
+    w[0] = __ldcs(q); w[1] = __ldcs(q + 1); w[2] = __ldcs(q + 2);
+  }
+}
+
+// Codes 8s .. 8s+7 of a chunk as floats 2**23 + q.
+template <int BITS>
+__device__ __forceinline__ void decode8(const uint32_t (&w)[8], int s, float (&q)[8]) {
+  if constexpr (BITS == 4) {
+    const uint32_t x = w[s];
+    const uint32_t lo = x & 0x0F0F0F0Fu;         // codes 0, 2, 4, 6 in bytes 0..3
+    const uint32_t hi = (x >> 4) & 0x0F0F0F0Fu;  // codes 1, 3, 5, 7
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      q[2 * i] = magic_float(lo, i);
+      q[2 * i + 1] = magic_float(hi, i);
+    }
+  } else if constexpr (BITS == 8) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[i] = magic_float(w[2 * s + i / 4], i % 4);
+  } else if constexpr (BITS == 2) {
+    const uint32_t x = w[s >> 1] >> (16 * (s & 1));  // 8 codes in the low 16 bits
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t t = (x >> (2 * j)) & 0x0303u;  // byte 0: code j, byte 1: code 4 + j
+      q[j] = magic_float(t, 0);
+      q[4 + j] = magic_float(t, 1);
+    }
+  } else {  // 3 bits: sub-chunk s is bits [24s, 24s + 24) of the 96-bit chunk
+    uint32_t v;
+    if (s == 0) v = w[0];
+    else if (s == 1) v = __funnelshift_r(w[0], w[1], 24);
+    else if (s == 2) v = __funnelshift_r(w[1], w[2], 16);
+    else v = w[2] >> 8;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[i] = __uint_as_float(((v >> (3 * i)) & 7u) | kMagic);
+  }
+}
+
+// 8 consecutive elements of A starting at column k (zeros past K).
+template <typename T>
+__device__ __forceinline__ void load_a8(const T* __restrict__ a_row, int64_t k, int64_t K, bool a_vec,
+                                        float (&a)[8]) {
+  if (a_vec && k + 8 <= K) {
+    if constexpr (sizeof(T) == 4) {
+      const float4 v0 = __ldg(reinterpret_cast<const float4*>(a_row + k));
+      const float4 v1 = __ldg(reinterpret_cast<const float4*>(a_row + k) + 1);
+      a[0] = v0.x; a[1] = v0.y; a[2] = v0.z; a[3] = v0.w;
+      a[4] = v1.x; a[5] = v1.y; a[6] = v1.z; a[7] = v1.w;
+    } else {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(a_row + k));
+      const T* h = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) a[i] = to_float<T>(h[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) a[i] = (k + i < K) ? to_float<T>(a_row[k + i]) : 0.0f;
+  }
+}
+
+template <typename T, int BITS, int MT>
+__global__ void __launch_bounds__(kWarps * 32)
+gemv_fast_kernel(const Problem p, const int ksplit, const bool a_vec) {
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int row_groups = kWarps / ksplit;  // row groups per CTA
+  const int rg = warp / ksplit;
+  const int ks = warp % ksplit;
+  const int64_t n_base = (static_cast<int64_t>(blockIdx.x) * row_groups + rg) * kRowsPerWarp;
+  const int M = static_cast<int>(p.M);
+  const T* __restrict__ A = static_cast<const T*>(p.A);
+  const T* __restrict__ scales = static_cast<const T*>(p.scales);
+  constexpr int kChunkBytes = 4 * BITS;
+  const int64_t n_chunks = (p.K + kChunk - 1) / kChunk;
+  const float default_zero = static_cast<float>(1 << (BITS - 1));
+
+  float acc[MT][kRowsPerWarp];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) acc[m][r] = 0.0f;
+
+  for (int64_t c = static_cast<int64_t>(ks) * 32 + lane; c < n_chunks; c += static_cast<int64_t>(ksplit) * 32) {
+    const int64_t k0 = c * kChunk;
+    const int64_t g = k0 / p.block_size;
+    uint32_t w[kRowsPerWarp][8];
+    float scale[kRowsPerWarp], zero_magic[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int64_t n = n_base + r;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) w[r][i] = 0;
+      scale[r] = 0.0f;
+      zero_magic[r] = kMagicF;
+      if (n < p.N) {
+        load_chunk<BITS>(p.B + n * p.row_bytes + c * kChunkBytes, w[r]);
+        scale[r] = to_float<T>(scales[n * p.n_groups + g]);
+        zero_magic[r] = kMagicF + (p.zp ? static_cast<float>(__ldg(p.zp + n * p.n_groups + g)) : default_zero);
+      }
+    }
+    float part[MT][kRowsPerWarp];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) part[m][r] = 0.0f;
+#pragma unroll
+    for (int s = 0; s < kChunk / 8; ++s) {
+      float a[MT][8];
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m < M) {
+          load_a8<T>(A + static_cast<int64_t>(m) * p.K, k0 + 8 * s, p.K, a_vec, a[m]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) a[m][i] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        float q[8];
+        decode8<BITS>(w[r], s, q);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const float d = q[i] - zero_magic[r];  // exact: q - zp
+#pragma unroll
+          for (int m = 0; m < MT; ++m) part[m][r] = fmaf(a[m][i], d, part[m][r]);
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) acc[m][r] = fmaf(scale[r], part[m][r], acc[m][r]);
+  }
+
+  __shared__ float red[kWarps][MT][kRowsPerWarp];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      float v = acc[m][r];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) red[warp][m][r] = v;
+    }
+  __syncthreads();
+  const T* __restrict__ bias = static_cast<const T*>(p.bias);
+  T* __restrict__ Y = static_cast<T*>(p.Y);
+  for (int idx = threadIdx.x; idx < row_groups * kRowsPerWarp * MT; idx += blockDim.x) {
+    const int m = idx % MT;
+    const int r = (idx / MT) % kRowsPerWarp;
+    const int g = idx / (MT * kRowsPerWarp);
+    const int64_t n = (static_cast<int64_t>(blockIdx.x) * row_groups + g) * kRowsPerWarp + r;
+    if (m >= M || n >= p.N) continue;
+    float v = 0.0f;
+    for (int s = 0; s < ksplit; ++s) v += red[g * ksplit + s][m][r];
+    if (bias) v += to_float<T>(bias[n]);
+    Y[static_cast<int64_t>(m) * p.N + n] = from_float<T>(v);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWarps * 32) gemv_generic_kernel(const Problem p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (n >= p.N) return;
+  const int M = static_cast<int>(p.M);
+  const T* __restrict__ A = static_cast<const T*>(p.A);
+  const uint8_t* row = p.B + n * p.row_bytes;
+  float acc[kGemvMaxM];
+#pragma unroll
+  for (int m = 0; m < kGemvMaxM; ++m) acc[m] = 0.0f;
+  for (int64_t k = lane; k < p.K; k += 32) {
+    const float w = dequant_generic<T>(p, row, n, k);
+#pragma unroll
+    for (int m = 0; m < kGemvMaxM; ++m)
+      if (m < M) acc[m] = fmaf(to_float<T>(A[m * p.K + k]), w, acc[m]);
+  }
+  const T* __restrict__ bias = static_cast<const T*>(p.bias);
+  T* __restrict__ Y = static_cast<T*>(p.Y);
+  const float b = bias ? to_float<T>(bias[n]) : 0.0f;
+#pragma unroll
+  for (int m = 0; m < kGemvMaxM; ++m) {
+    if (m >= M) break;
+    float v = acc[m];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) Y[m * p.N + n] = from_float<T>(v + b);
+  }
+}
+
+template <typename T, int BITS, int MT>
+cudaError_t launch_fast(const Problem& p, int ksplit, bool a_vec) {
+  const int rows_per_cta = kRowsPerWarp * (kWarps / ksplit);
+  const int64_t ctas = (p.N + rows_per_cta - 1) / rows_per_cta;
+  gemv_fast_kernel<T, BITS, MT><<<static_cast<unsigned>(ctas), kWarps * 32, 0, p.stream>>>(p, ksplit, a_vec);
+  return cudaGetLastError();
+}
+
+template <typename T, int BITS>
+cudaError_t launch_fast_bits(const Problem& p, int ksplit, bool a_vec) {
+  if (p.M <= 1) return launch_fast<T, BITS, 1>(p, ksplit, a_vec);
+  if (p.M <= 2) return launch_fast<T, BITS, 2>(p, ksplit, a_vec);
+  if (p.M <= 4) return launch_fast<T, BITS, 4>(p, ksplit, a_vec);
+  return launch_fast<T, BITS, 8>(p, ksplit, a_vec);
+}
+
+// Enough warps to keep every SM streaming (~16 per SM), but at least one
+// chunk per lane per warp.
+int choose_ksplit(const Problem& p) {
+  const int64_t row_warps = (p.N + kRowsPerWarp - 1) / kRowsPerWarp;
+  const int64_t target = 16LL * sm_count();
+  const int64_t n_chunks = (p.K + kChunk - 1) / kChunk;
+  int ksplit = 1;
+  while (ksplit < kWarps && row_warps * ksplit < target && n_chunks >= 2LL * 32 * ksplit) ksplit *= 2;
+  return ksplit;
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_gemv(const Problem& p) {
+  const bool fast = p.g_idx == nullptr && p.block_size % kChunk == 0 &&
+                    (reinterpret_cast<uintptr_t>(p.B) % 16) == 0;
+  if (fast) {
+    // Vector loads of A need 16-byte aligned rows.
+    const bool a_vec = (reinterpret_cast<uintptr_t>(p.A) % 16) == 0 &&
+                       (p.K * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+    const int ksplit = choose_ksplit(p);
+    switch (p.bits) {
+      case 2: return launch_fast_bits<T, 2>(p, ksplit, a_vec);
+      case 3: return launch_fast_bits<T, 3>(p, ksplit, a_vec);
+      case 4: return launch_fast_bits<T, 4>(p, ksplit, a_vec);
+      case 8: return launch_fast_bits<T, 8>(p, ksplit, a_vec);
+      default: return cudaErrorInvalidValue;
+    }
+  }
+  const int64_t ctas = (p.N + kWarps - 1) / kWarps;
+  gemv_generic_kernel<T><<<static_cast<unsigned>(ctas), kWarps * 32, 0, p.stream>>>(p);
+  return cudaGetLastError();
+}
+
+template cudaError_t launch_gemv<float>(const Problem&);
+template cudaError_t launch_gemv<__half>(const Problem&);
+template cudaError_t launch_gemv<__nv_bfloat16>(const Problem&);
+
+}  // namespace onnx_gptq_cuda
