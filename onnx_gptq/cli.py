@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seq-len", type=int, default=CalibConfig.seq_len, help="tokens per sequence (default 512)")
     data.add_argument("--batch-size", type=int, default=CalibConfig.batch_size, help="sequences per run (default 4)")
     data.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
+    data.add_argument("--sequential", action="store_true",
+                      help="collect each block's Hessians with earlier blocks already quantized")
+    data.add_argument("--memory-budget", type=float, default=None, metavar="GB",
+                      help="GiB of Hessian statistics held at once; more means several calibration passes "
+                           "(default: a quarter of RAM)")
     data.add_argument("--providers", default="auto",
                       help="onnxruntime execution providers, comma separated (default: CUDA if present, else CPU)")
 
@@ -78,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="leave matching layers float (repeatable)")
     which.add_argument("--quantize-head", action="store_true", help="also quantize the output head")
 
+    run = parser.add_argument_group("execution")
+    run.add_argument("--jobs", type=int, default=1, help="weights solved concurrently (default 1)")
+    run.add_argument("--device", default=None, help="torch device for the solver (default: cuda if present, else cpu)")
+
     out = parser.add_argument_group("output")
     out.add_argument("--report", type=Path, help="write a per-layer JSON report here")
     out.add_argument("-v", "--verbose", action="store_true", help="say why each node was skipped; tracebacks")
@@ -92,7 +101,8 @@ def _configs(args: argparse.Namespace) -> tuple[QuantConfig, CalibConfig]:
                         exclude=tuple(args.exclude), quantize_head=args.quantize_head,
                         accuracy_level=args.accuracy_level)
     calib = CalibConfig(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                        providers=_providers(args.providers), seed=args.seed)
+                        providers=_providers(args.providers), seed=args.seed, sequential=args.sequential,
+                        memory_budget=None if args.memory_budget is None else int(args.memory_budget * 2**30))
     return quant, calib
 
 
@@ -110,7 +120,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise UserError("--calib is required for gptq (a text file with --tokenizer, .npy/.jsonl ids, "
                         "or 'self'); or use --algo rtn")
     _, report = quantize_with_report(args.model, calibration, quant, calib=calib, output=output,
-                                     tokenizer=args.tokenizer, report=args.report, progress=not args.quiet)
+                                     tokenizer=args.tokenizer, report=args.report, jobs=args.jobs,
+                                     device=args.device, progress=not args.quiet)
     if args.verbose:
         for skip in report.skipped:
             print(f"skipped {skip['node']}: {skip['reason']}")

@@ -151,6 +151,11 @@ class CalibConfig:
         batch_size: sequences per onnxruntime run.
         providers: onnxruntime execution providers, in order of preference.
         seed: seed for drawing windows out of long text.
+        sequential: collect each block's Hessians with all earlier blocks
+            already quantized (the reference GPTQ's true-sequential mode).
+        memory_budget: bytes of Hessian statistics held at once; above it,
+            calibration runs in several passes over groups of layers.
+            None: a quarter of the machine's RAM.
     """
 
     num_samples: int = 128
@@ -158,6 +163,8 @@ class CalibConfig:
     batch_size: int = 4
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     seed: int = 0
+    sequential: bool = False
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "providers", tuple(self.providers))
@@ -166,3 +173,5 @@ class CalibConfig:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
         if not self.providers:
             raise ConfigError("providers: at least one execution provider is needed")
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise ConfigError(f"memory_budget: {self.memory_budget} must be positive (bytes)")
