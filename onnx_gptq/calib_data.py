@@ -108,7 +108,8 @@ class ModelInputs:
 
         Args:
             model: the model (external data need not be loaded).
-            check_fillable: raise for an input `feeds` cannot derive.
+            check_fillable: raise for an input `feeds` cannot derive (only
+                checked when the model has an input_ids input).
 
         Raises:
             CalibrationError: an input is neither input_ids nor one that can be
@@ -119,7 +120,7 @@ class ModelInputs:
         specs = [InputSpec.from_value_info(v) for v in graph.input if v.name not in inits]
         ids = next((s for s in specs if s.name == "input_ids"), None)
         others = tuple(s for s in specs if s is not ids)
-        if check_fillable:
+        if check_fillable and ids is not None:
             for spec in others:
                 _filler(spec)  # raises for an input nobody can fill
         static_seq = static_batch = None

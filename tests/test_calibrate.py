@@ -271,3 +271,27 @@ def test_default_providers_are_available() -> None:
     providers = calibrate.default_providers()
     assert providers[-1] == "CPUExecutionProvider"
     assert calibrate.check_providers(providers) == providers
+
+
+def test_tiny_llama_export_end_to_end(tiny_llama_onnx: Path, calib_ids: Path) -> None:
+    """Real exports: batches from ids, every constant-weight MatMul/Gemm input against numpy."""
+    from onnx_gptq.calib_data import make_batches
+    from onnx_gptq.config import CalibConfig
+
+    before = _snapshot(tiny_llama_onnx.parent)
+    proto = onnx.load(tiny_llama_onnx, load_external_data=False)
+    batches = make_batches(calib_ids, proto, CalibConfig(num_samples=6, seq_len=24, batch_size=4))
+    assert [b["input_ids"].shape for b in batches] == [(4, 24), (2, 24)]
+    weights = {t.name for t in proto.graph.initializer}
+    names = sorted({n.input[0] for n in proto.graph.node
+                    if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights})
+    assert len(names) >= 6  # per layer: attention input, o_proj input, MLP input, down_proj input
+    stats = collect_hessians(proto, names, batches, model_dir=tiny_llama_onnx.parent,
+                             max_output_bytes=3 * 96 * 96 * 4)
+    full = onnx.load(tiny_llama_onnx)
+    acts = _activations(full, names, batches)
+    for name in names:
+        X = acts[name]
+        assert stats[name].rows == 6 * 24 == X.shape[0]
+        np.testing.assert_allclose(stats[name].xtx, X.T @ X, rtol=1e-4, atol=1e-3 * np.abs(X.T @ X).max())
+    assert _snapshot(tiny_llama_onnx.parent) == before
