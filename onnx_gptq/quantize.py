@@ -107,11 +107,8 @@ class _Solver:
         self.model, self.config, self.report, self.phase = model, config, report, phase
         self.jobs, self.device = max(1, jobs), device
         self.taken: set[str] = set()
-        self.bar = None
-        if progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc="solving", unit="layer")
+        self.progress, self.total = progress, total
+        self.bar: Any = None
 
     def _solve_one(self, group: targets.WeightGroup, stats: dict[str, Any]) -> tuple[Any, int]:
         from onnx_gptq.solve import solve
@@ -124,6 +121,10 @@ class _Solver:
 
     def __call__(self, groups: list[targets.WeightGroup], stats: dict[str, Any]) -> None:
         """Solve and rewrite `groups` using Hessian `stats` (activation name -> HessianStats)."""
+        if self.progress and self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, desc="solving", unit="layer")
         with self.phase("solve"):
             if self.jobs == 1 or len(groups) == 1:
                 results = (self._solve_one(g, stats) for g in groups)

@@ -16,6 +16,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from onnx_gptq import model_io, pack
 from onnx_gptq.config import Format

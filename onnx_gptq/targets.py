@@ -111,10 +111,10 @@ class WeightGroup:
                 w = w.T
             elif op == "Cast":
                 w = w.astype(ir.DataType(attr).numpy())
-        w = np.asarray(w, dtype=np.float32)
+        w = np.array(w, dtype=np.float32, order="C")  # a private, writable copy
         if self.alpha != 1.0:
-            w = w * np.float32(self.alpha)
-        return np.ascontiguousarray(w)
+            w *= np.float32(self.alpha)
+        return w
 
 
 def _const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
