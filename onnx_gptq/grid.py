@@ -44,8 +44,8 @@ def maxq_of(bits: int) -> int:
 def round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     """Round float32 scales to values exactly representable in `scale_dtype`.
 
-    Magnitudes are kept inside the dtype's normal range so that a scale never
-    rounds to 0 or inf (division by it must stay finite); the sign is kept.
+    Magnitudes are clamped to [smallest subnormal, max] of the dtype so that a
+    scale never rounds to 0 or inf (division by it must stay finite); the sign is kept.
 
     Args:
         scale: float32 [...].
@@ -56,7 +56,7 @@ def round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     if scale_dtype == torch.float32:
         return scale
     info = torch.finfo(scale_dtype)
-    mag = scale.abs().clamp(min=info.tiny, max=info.max)
+    mag = scale.abs().clamp(min=info.tiny * info.eps, max=info.max)  # tiny*eps: smallest subnormal
     sign = torch.where(scale < 0, -1.0, 1.0).to(scale.dtype)
     return (sign * mag).to(scale_dtype).to(torch.float32)
 

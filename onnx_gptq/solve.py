@@ -80,27 +80,30 @@ def _torch_dtype(scale_dtype: np.dtype | type) -> torch.dtype:
     raise ValueError(f"scale_dtype {dt} is not supported (float32, float16 or bfloat16)")
 
 
-def _trace_quadratic(A: torch.Tensor, H: torch.Tensor | None, chunk_rows: int = 2048) -> torch.Tensor:
-    """tr(A H A^T) for each matrix in the stack A (or ||A||^2 when H is None).
+def _trace_quadratic(W: torch.Tensor, Qs: list[torch.Tensor], H: torch.Tensor | None,
+                     chunk_rows: int = 2048) -> list[float]:
+    """tr(A H A^T) for A = W and A = W - Q for each Q (||A||^2 when H is None).
+
+    Small problems are done in float64 throughout; large ones multiply by H in
+    float32 (accumulating the traces in float64), in chunks of rows.
 
     Args:
-        A: float32 [M, N, K].
+        W: float32 [N, K].
+        Qs: float32 [N, K] each.
         H: float64 [K, K] or None.
     Returns:
-        float64 [M].
+        [tr(W H W^T), tr(dW_1 H dW_1^T), ...].
     """
-    if H is None:
-        return A.double().pow(2).sum(dim=(1, 2))
-    m, n, k = A.shape
-    exact = m * n * k * k <= _FLOAT64_TRACE_LIMIT
-    Hc = H if exact else H.to(torch.float32)
-    out = torch.zeros(m, dtype=torch.float64, device=A.device)
-    flat = A.reshape(m * n, k)
-    for r0 in range(0, m * n, chunk_rows):
-        rows = flat[r0:r0 + chunk_rows].to(Hc.dtype)
-        per_row = ((rows @ Hc) * rows).sum(dim=1, dtype=torch.float64)  # [rows]
-        owner = torch.arange(r0, r0 + rows.shape[0], device=A.device) // n
-        out.index_add_(0, owner, per_row)
+    n, k = W.shape
+    exact = H is None or (1 + len(Qs)) * n * k * k <= _FLOAT64_TRACE_LIMIT
+    dtype = torch.float64 if exact else torch.float32
+    Hc = None if H is None else H.to(dtype)
+    out = [0.0] * (1 + len(Qs))
+    for r0 in range(0, n, chunk_rows):
+        w = W[r0:r0 + chunk_rows].to(dtype)
+        for j, A in enumerate([w] + [w - Q[r0:r0 + chunk_rows].to(dtype) for Q in Qs]):
+            AH = A if Hc is None else A @ Hc
+            out[j] += float((AH * A).sum(dtype=torch.float64))
     return out
 
 
@@ -354,11 +357,10 @@ def solve(W: np.ndarray, H: np.ndarray | None, config: QuantConfig, *,
 
     Qr = _dequantize_torch(rtn_qw, dev)
     if qw is rtn_qw or gptq_trace is not None:
-        den, rtn_num = _trace_quadratic(torch.stack([W0, W0 - Qr]), H0).tolist()
+        den, rtn_num = _trace_quadratic(W0, [Qr], H0)
         num = rtn_num if qw is rtn_qw else gptq_trace
     else:
-        Q = _dequantize_torch(qw, dev)
-        den, num, rtn_num = _trace_quadratic(torch.stack([W0, W0 - Q, W0 - Qr]), H0).tolist()
+        den, num, rtn_num = _trace_quadratic(W0, [_dequantize_torch(qw, dev), Qr], H0)
     rel = lambda x: (0.0 if x == 0.0 else float("inf")) if den == 0.0 else x / den  # noqa: E731
     seconds = time.perf_counter() - t0
     logger.debug("%s: %s %d-bit g%d error %.4g (rtn %.4g) in %.2fs", label, config.algo.value,
