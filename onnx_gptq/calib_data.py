@@ -370,17 +370,33 @@ def _is_dataset(source: Any) -> bool:
 
 
 def _dataset_texts(dataset: Any) -> _Text:
-    columns = list(dataset.column_names)
+    """The text column of a Dataset (or a streaming IterableDataset), as a list of strings."""
+    columns = dataset.column_names
+    if isinstance(columns, dict):  # a DatasetDict
+        raise CalibrationError(f"calibration dataset: a DatasetDict with splits {sorted(columns)}; "
+                               "pass one split, e.g. dataset['train']")
+    rows = None
+    if columns is None:  # streaming datasets may not know their columns before the first row
+        rows = iter(dataset)
+        first = next(rows, None)
+        if first is None:
+            raise CalibrationError("calibration dataset is empty")
+        columns = list(first)
+        kinds = {c: "string" if isinstance(first[c], str) else "other" for c in columns}
+        rows = [first, *rows]
+    else:
+        features = getattr(dataset, "features", None) or {}
+        kinds = {c: getattr(features.get(c), "dtype", None) for c in columns}
     if "text" in columns:
         column = "text"
     else:
-        features = getattr(dataset, "features", {}) or {}
-        strings = [c for c in columns if getattr(features.get(c), "dtype", None) in ("string", "large_string")]
+        strings = [c for c in columns if kinds.get(c) in ("string", "large_string")]
         if len(strings) != 1:
             raise CalibrationError(f"calibration dataset: no 'text' column and {len(strings)} string columns "
-                                   f"among {columns}; give a dataset with one text column")
+                                   f"among {list(columns)}; give a dataset with one text column")
         column = strings[0]
-    return _Text([str(t) for t in dataset[column] if t is not None], f"calibration dataset column '{column}'")
+    values = [row[column] for row in rows] if rows is not None else dataset[column]
+    return _Text([str(t) for t in values if t is not None], f"calibration dataset column '{column}'")
 
 
 def _tokenizer_of(tokenizer: Any, origin: str) -> Any:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ _INLINE_MIN_TENSOR_BYTES = 1 << 16
 CUSTOM_DOMAIN = "onnx_gptq"
 _PREFIX = "onnx_gptq_calib"
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+# Caller-supplied SessionOptions the custom-op library is already registered on.
+_HAS_CUSTOM_OPS: "weakref.WeakSet[ort.SessionOptions]" = weakref.WeakSet()
 
 
 @dataclasses.dataclass
@@ -140,7 +143,8 @@ def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
     The caller's `model` is not modified. For each activation ``x`` (any
     leading dims, last dim K; float32/float16/bfloat16) the augmented copy
     computes ``xf = Cast<float32>(Reshape(x, [-1, K]))``, ``MatMul(Transpose(xf), xf)``
-    and ``Size(x)``, and exposes them as its only outputs.
+    and ``Size(xf)``, and exposes them as its only outputs; nodes they do not
+    depend on are dropped from the copy.
 
     Args:
         model: the model; large initializers may be external data (loaded with
@@ -151,10 +155,10 @@ def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
             passes are needed.
         model_dir: directory the external data locations are relative to.
         providers: onnxruntime execution providers, in order of preference.
-        session_options: used as given when passed (the custom-op library is
-            registered on it if the graph needs it); by default extended graph
-            optimisations, which keep the observed tensors (they are consumed by
-            the added nodes) and produce identical values.
+        session_options: used when passed (the external-data folder option is
+            set on it, and the custom-op library registered once if the graph
+            needs it); by default extended graph optimisations, which keep the
+            observed tensors (they are consumed by the added nodes).
         progress: show a tqdm progress bar per pass.
         max_output_bytes: budget for one run's float32 K x K outputs; when the
             activations need more, they are split into several passes over the
@@ -195,8 +199,9 @@ def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
             del session, keepalive
     out: dict[str, HessianStats] = {}
     for tap in taps:
-        xtx = sums[tap.name]
-        xtx = 0.5 * (xtx + xtx.T)  # the float32 GEMM need not be bitwise symmetric
+        xtx = sums.pop(tap.name)
+        np.add(xtx, xtx.T, out=xtx)  # the float32 GEMM need not be bitwise symmetric
+        xtx *= 0.5
         out[tap.name] = HessianStats(xtx=xtx, rows=rows[tap.name])
     return out
 
@@ -525,6 +530,13 @@ def _has_custom_nodes(model: onnx.ModelProto) -> bool:
     return walk(model.graph.node) or any(walk(f.node) for f in model.functions)
 
 
+def _config_entry(options: ort.SessionOptions, key: str) -> str | None:
+    try:
+        return str(options.get_session_config_entry(key))
+    except RuntimeError:  # onnxruntime's way of saying "not set"
+        return None
+
+
 def _make_session(model: onnx.ModelProto, taps: list[_Tap], folder: Path | None, providers: tuple[str, ...],
                   session_options: ort.SessionOptions | None) -> tuple[ort.InferenceSession, list[Any]]:
     """An InferenceSession over the augmented copy, and buffers it needs kept alive."""
@@ -540,7 +552,9 @@ def _make_session(model: onnx.ModelProto, taps: list[_Tap], folder: Path | None,
         except ImportError as exc:
             raise ModelError(f"calibration: the model has {CUSTOM_DOMAIN} nodes but the custom-op "
                              f"library cannot be loaded ({exc})") from exc
-        options.register_custom_ops_library(str(library_path()))
+        if options not in _HAS_CUSTOM_OPS:  # registering twice fails the session
+            options.register_custom_ops_library(str(library_path()))
+            _HAS_CUSTOM_OPS.add(options)
     keepalive: list[Any] = []
     if in_memory:
         # onnxruntime then looks every external location up in this table only.
@@ -558,7 +572,7 @@ def _make_session(model: onnx.ModelProto, taps: list[_Tap], folder: Path | None,
             names.append(location)
         options.add_external_initializers_from_files_in_memory(names, buffers, [b.nbytes for b in buffers])
         keepalive.extend(buffers)
-    elif folder is not None:
+    elif folder is not None and _config_entry(options, _EXTERNAL_FOLDER_KEY) != str(folder):
         options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(folder))
     blob = aug.SerializeToString()
     del aug

@@ -131,6 +131,7 @@ def test_every_text_source_gives_the_same_windows(tmp_path: Path, tokenizer_json
         iter(paragraphs),
         datasets.Dataset.from_dict({"text": paragraphs, "id": list(range(len(paragraphs)))}),
         datasets.Dataset.from_dict({"content": paragraphs, "id": list(range(len(paragraphs)))}),
+        datasets.IterableDataset.from_generator(lambda: ({"body": p, "n": i} for i, p in enumerate(paragraphs))),
     ]
     results = [make_batches(s, _lm(), CONFIG, tokenizer=tokenizer_json) for s in sources]
     first = np.concatenate([b["input_ids"] for b in results[0]])
@@ -289,6 +290,8 @@ def test_source_shape_errors() -> None:
         make_batches({"input_ids": np.zeros((1, 4), np.int64)}, _lm(), CONFIG)
     with pytest.raises(CalibrationError, match="no 'text' column and 2 string columns"):
         make_batches(datasets.Dataset.from_dict({"a": ["x"], "b": ["y"]}), _lm(), CONFIG)
+    with pytest.raises(CalibrationError, match=r"DatasetDict with splits \['train'\]"):
+        make_batches(datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]})}), _lm(), CONFIG)
     with pytest.raises(CalibrationError, match=r"calibration feeds\[0\]: 'pixels' is not an input"):
         make_batches([{"input_ids": np.zeros((1, 4), np.int64), "pixels": np.zeros(3)}], _lm(), CONFIG)
     with pytest.raises(CalibrationError, match=r"calibration feeds\[0\]: token id 99"):

@@ -214,6 +214,12 @@ def test_external_data_model_untouched_and_equal(tmp_path: Path) -> None:
     assert proto.SerializeToString() == blob
     assert _snapshot(model_dir) == before
     assert sorted(os.listdir(os.getcwd())) == cwd_before
+    options = ort.SessionOptions()  # reused by every pass: the folder option is set once
+    again = collect_hessians(proto, ["r", "x"], feeds, model_dir=str(model_dir), session_options=options,
+                             max_output_bytes=1)
+    for name in ("x", "r"):
+        np.testing.assert_allclose(again[name].xtx, reference[name].xtx, rtol=1e-6)
+    assert _snapshot(model_dir) == before
     with pytest.raises(ModelError, match="model_dir"):
         collect_hessians(proto, ["x"], feeds)
 
@@ -265,6 +271,19 @@ def test_progress_bar_and_session_options() -> None:
     stats = collect_hessians(model, ["r"], _batches(2), progress=True, session_options=options)
     reference = collect_hessians(model, ["r"], _batches(2))
     np.testing.assert_allclose(stats["r"].xtx, reference["r"].xtx, rtol=1e-5)
+
+
+def test_custom_domain_nodes_are_detected_in_subgraphs_and_functions() -> None:
+    custom = helper.make_node("GptqMatMul", ["a", "b"], ["c"], domain="onnx_gptq")
+    body = helper.make_graph([custom], "body", [], [helper.make_tensor_value_info("c", TensorProto.FLOAT, None)])
+    model = _mlp()
+    assert not calibrate._has_custom_nodes(model)
+    model.graph.node.append(helper.make_node("If", ["cond"], ["o"], then_branch=body, else_branch=body))
+    assert calibrate._has_custom_nodes(model)
+    with_function = _mlp()
+    with_function.functions.append(helper.make_function("local", "F", ["a", "b"], ["c"], [custom],
+                                                        [helper.make_opsetid("onnx_gptq", 1)]))
+    assert calibrate._has_custom_nodes(with_function)
 
 
 def test_default_providers_are_available() -> None:
