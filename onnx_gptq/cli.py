@@ -25,13 +25,11 @@ SUBCOMMANDS = ("export", "eval")
 
 
 def _providers(text: str) -> tuple[str, ...]:
-    if text != "auto":
-        return tuple(p.strip() for p in text.split(",") if p.strip())
-    import onnxruntime as ort
+    from onnx_gptq.calibrate import check_providers, default_providers
 
-    available = ort.get_available_providers()
-    preferred = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return tuple(preferred) or ("CPUExecutionProvider",)
+    if text == "auto":
+        return default_providers()
+    return check_providers(p.strip() for p in text.split(",") if p.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:

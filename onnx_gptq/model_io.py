@@ -128,6 +128,10 @@ def save_atomic(model: ir.Model, path: Path) -> int:
     directory = path.parent if str(path.parent) else Path(".")
     external = _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = f"{path.name}.data"
+    if not external:
+        # Tensors still memory-mapped from the input's data file must be
+        # embedded, or the output would point at a file beside the input.
+        ir.external_data.load_to_model(model)
     tmp = Path(tempfile.mkdtemp(prefix=".onnx-gptq-", dir=directory))
     try:
         tmp_model = tmp / path.name

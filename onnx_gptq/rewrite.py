@@ -214,7 +214,7 @@ def rewrite_group(model: ir.Model, group: WeightGroup, qw: QuantizedWeight, fmt:
         accuracy_level: MatMulNBits accuracy_level (ort format).
         taken_names: names already used by earlier rewrites (updated).
     """
-    builder = _Builder(model.graph, group.name.replace("::", "_"), taken_names if taken_names is not None else set())
+    builder = _Builder(model.graph, group.name, taken_names if taken_names is not None else set())
     if fmt is Format.ORT:
         _rewrite_ort(group, qw, builder, accuracy_level)
         model.opset_imports.setdefault(ORT_DOMAIN, 1)

@@ -1,0 +1,92 @@
+"""The whole pass on real torch exports: API kinds, numbers against the dequantized reference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnx_gptq import pack
+from onnx_gptq.config import CalibConfig, QuantConfig
+from onnx_gptq.quantize import plan_passes, quantize, quantize_with_report
+from onnx_gptq import targets
+from tests.test_rewrite import FEEDS, dequantized_reference, run
+
+CALIB = CalibConfig(num_samples=8, seq_len=32, batch_size=4)
+
+
+def matmulnbits_weights(model: ir.Model, group_size: int) -> dict[str, np.ndarray]:
+    """Dequantized [N, K] weights read back out of every MatMulNBits node, by weight name."""
+    found = {}
+    for node in model.graph:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a: node.attributes.get_int(a) for a in ("K", "N", "bits", "block_size")}
+        zp = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        t = pack.MatMulNBitsTensors(
+            B=node.inputs[1].const_value.numpy(), scales=node.inputs[2].const_value.numpy(),
+            zero_points=None if zp is None else zp.const_value.numpy(), **attrs)
+        name = node.inputs[1].name.removesuffix("_B")
+        found[name] = pack.unpack_matmulnbits(t, min(group_size, attrs["K"]) if group_size > 0 else attrs["K"])
+    return found
+
+
+def test_ort_output_equals_float_model_with_dequantized_weights(tiny_lm_onnx, calib_ids, tmp_path):
+    which, path = tiny_lm_onnx
+    config = QuantConfig(bits=4, group_size=32, format="ort")
+    out, report = quantize_with_report(path, calib_ids, config, calib=CALIB, output=tmp_path / "q.onnx")
+    assert out == tmp_path / "q.onnx"
+    quantized = ir.load(out)
+    qweights = matmulnbits_weights(quantized, 32)
+    assert len(qweights) == len(report.layers) == (14 if which == "llama" else 8)
+    got = run(quantized, FEEDS)
+    want = run(dequantized_reference(path, config, qweights), FEEDS)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    # GPTQ beats round-to-nearest in the H-weighted error, layer by layer.
+    assert all(r.error <= r.rtn_error * 1.0001 for r in report.layers)
+    assert np.mean([r.error for r in report.layers]) < 0.9 * np.mean([r.rtn_error for r in report.layers])
+    assert report.size_after < report.size_before
+
+
+def test_api_returns_the_kind_it_was_given(tiny_llama_onnx, calib_ids):
+    proto = onnx.load(tiny_llama_onnx)
+    config = QuantConfig(bits=8, group_size=-1)
+    result = quantize(proto, calib_ids, config, calib=CALIB)
+    assert isinstance(result, onnx.ModelProto)
+    assert sum(n.op_type == "MatMulNBits" for n in result.graph.node) == 14
+    assert sum(n.op_type == "MatMul" for n in proto.graph.node) == 19  # the caller's proto is untouched
+    model = ir.load(tiny_llama_onnx)
+    assert quantize(model, calib_ids, config, calib=CALIB) is model
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph) == 14
+
+
+def test_passes_and_jobs_do_not_change_the_result(tiny_llama_onnx, calib_ids, tmp_path):
+    model = ir.load(tiny_llama_onnx)
+    groups, _ = targets.find_targets(model, QuantConfig())
+    assert len(plan_passes(groups, budget=12 * 64 * 64 + 1)) > 3  # about one activation a pass
+    assert len(plan_passes(groups, budget=1 << 40)) == 1
+    config = QuantConfig(bits=4, group_size=32)
+    one = quantize(tiny_llama_onnx, calib_ids, config, calib=CALIB, output=tmp_path / "one.onnx")
+    many = quantize(tiny_llama_onnx, calib_ids, config, output=tmp_path / "many.onnx", jobs=2,
+                    calib=CalibConfig(num_samples=8, seq_len=32, batch_size=4, memory_budget=12 * 64 * 64 + 1))
+    a, b = ir.load(one), ir.load(many)
+    for name, value in a.graph.initializers.items():
+        np.testing.assert_array_equal(value.const_value.numpy(), b.graph.initializers[name].const_value.numpy())
+
+
+def test_report_json_has_every_layer(tiny_gpt2_onnx, calib_ids, tmp_path):
+    report_path = tmp_path / "report.json"
+    quantize(tiny_gpt2_onnx, calib_ids, QuantConfig(bits=3, group_size=16, format="custom"), calib=CALIB,
+             output=tmp_path / "q.onnx", report=report_path)
+    data = json.loads(report_path.read_text())
+    assert len(data["layers"]) == 8
+    row = data["layers"][0]
+    assert row["bits"] == 3 and row["group_size"] == 16 and row["format"] == "custom"
+    assert 0 < row["error"] < row["rtn_error"] and row["damp"] == pytest.approx(0.01)
+    assert row["calibration_rows"] == 8 * 32
+    assert {s["reason"] for s in data["skipped"]} >= {
+        "output head stays float (use --quantize-head, or name it in --include)"}
+    assert {"calibrate", "solve", "save"} <= set(data["phases"])
