@@ -45,12 +45,20 @@ def _lm(*, ids_dims: tuple = ("batch", "sequence"), ids_type: int = TensorProto.
         nodes += [helper.make_node("OneHot", ["ids64", "depth", "onoff"], ["onehot"], axis=-1),
                   helper.make_node("MatMul", ["onehot", "E"], ["emb"])]
     nodes.append(helper.make_node("MatMul", ["emb", "H"], ["logits"]))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", VOCAB])]
+    if past:  # present = Concat(past, this step's key/value) along the sequence axis
+        nodes += [helper.make_node("Reshape", ["emb", "heads"], ["emb4"]),
+                  helper.make_node("Transpose", ["emb4"], ["key"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Concat", ["past_key_values.0.key", "key"], ["present.0.key"], axis=2),
+                  helper.make_node("Cast", ["key"], ["value16"], to=TensorProto.FLOAT16),
+                  helper.make_node("Concat", ["past_key_values.0.value", "value16"], ["present.0.value"], axis=2)]
+        outputs += [helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, None),
+                    helper.make_tensor_value_info("present.0.value", TensorProto.FLOAT16, None)]
     inits = [numpy_helper.from_array(embedding, "E"), numpy_helper.from_array(head, "H"),
              numpy_helper.from_array(np.array(VOCAB, np.int64), "depth"),
-             numpy_helper.from_array(np.array([0, 1], np.float32), "onoff")]
-    graph = helper.make_graph(nodes, "lm", inputs,
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", VOCAB])],
-                              inits)
+             numpy_helper.from_array(np.array([0, 1], np.float32), "onoff"),
+             numpy_helper.from_array(np.array([0, 0, 2, 4], np.int64), "heads")]
+    graph = helper.make_graph(nodes, "lm", inputs, outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -212,11 +220,17 @@ def test_batches_run_through_onnxruntime() -> None:
     """End to end: derived inputs are accepted by onnxruntime; X^T X of the embedding output matches numpy."""
     model = _lm()
     batches = make_batches(np.arange(200) % VOCAB, model, CalibConfig(num_samples=6, seq_len=9, batch_size=4))
-    stats = collect_hessians(model, ["emb"], batches)
+    stats = collect_hessians(model, ["emb", "present.0.key", "present.0.value"], batches)
     table = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
     X = np.concatenate([table[b["input_ids"]].reshape(-1, HIDDEN) for b in batches])
     assert stats["emb"].rows == 6 * 9
     np.testing.assert_allclose(stats["emb"].xtx, X.T @ X, rtol=1e-5, atol=1e-4)
+    # The empty past adds no rows: present holds exactly this step's 2 heads x 9 positions per sequence.
+    heads = X.reshape(-1, 2, 4).reshape(-1, 4)
+    assert stats["present.0.key"].rows == stats["present.0.value"].rows == 6 * 9 * 2
+    np.testing.assert_allclose(stats["present.0.key"].xtx, heads.T @ heads, rtol=1e-5, atol=1e-4)
+    half = heads.astype(np.float16).astype(np.float64)
+    np.testing.assert_allclose(stats["present.0.value"].xtx, half.T @ half, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("writer, message", [
