@@ -1,0 +1,240 @@
+"""True-sequential calibration on the tiny exported models: stages, Hessians, spilling, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from onnx_gptq import calibrate, model_io, rewrite, sequential, targets
+from onnx_gptq.calibrate import HessianStats
+from onnx_gptq.config import QuantConfig
+from onnx_gptq.errors import ModelError
+from onnx_gptq.solve import solve
+
+CPU = ("CPUExecutionProvider",)
+CONFIG = QuantConfig(bits=4, group_size=32, quantize_head=True)
+
+
+def _batches(calib_ids: Path, count: int = 2, size: int = 4) -> list[dict[str, np.ndarray]]:
+    ids = np.load(calib_ids)
+    return [{"input_ids": ids[i * size:(i + 1) * size], "attention_mask": np.ones_like(ids[i * size:(i + 1) * size])}
+            for i in range(count)]
+
+
+def _load(path: Path) -> tuple[ir.Model, list[targets.WeightGroup]]:
+    model = ir.load(path)
+    groups, _ = targets.find_targets(model, CONFIG)
+    return model, groups
+
+
+def _activations(groups: list[targets.WeightGroup]) -> list[str]:
+    return sorted({t.activation.name for g in groups for t in g.targets})
+
+
+def _one_pass(model: ir.Model, groups: list[targets.WeightGroup], batches: list[dict[str, np.ndarray]],
+              model_dir: Path) -> dict[str, HessianStats]:
+    return calibrate.collect_hessians(model_io.to_proto(model), _activations(groups), batches,
+                                      model_dir=model_dir, providers=CPU)
+
+
+def _gptq_solver(model: ir.Model, taken: set[str]) -> sequential.SolveStage:
+    """A solve_stage that quantizes with GPTQ and rewrites to MatMulNBits, as the pipeline does."""
+
+    def solve_stage(stage_groups: list[targets.WeightGroup], stats: dict[str, HessianStats]) -> None:
+        for group in stage_groups:
+            total = stats[group.targets[0].activation.name]
+            for t in group.targets[1:]:
+                total = total + stats[t.activation.name]
+            result = solve(group.load().T, total.hessian(), CONFIG, name=group.name)
+            fmt, _ = rewrite.choose_format(CONFIG.format, result.qweight, group.dtype, group.name)
+            rewrite.rewrite_group(model, group, result.qweight, fmt, taken_names=taken)
+
+    return solve_stage
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_one_stage_per_block_plus_head(tiny_lm_onnx: tuple[str, Path]) -> None:
+    _, path = tiny_lm_onnx
+    model, groups = _load(path)
+    partition = sequential.plan_stages(model, groups)
+    assert len(partition.stages) == 3  # layers.0 / h.0, layers.1 / h.1, the head
+    per_layer = 7 if "llama" in str(path) else 4
+    assert [len(s.groups) for s in partition.stages] == [per_layer, per_layer, 1]
+    assert [sequential.block_key(g) for g in partition.stages[0].groups] == [0] * per_layer
+    assert [sequential.block_key(g) for g in partition.stages[1].groups] == [1] * per_layer
+    assert partition.stages[2].groups[0].is_head
+    # The residual stream (plus mask, rotary tables, shape tensors) enters block 1; only hidden states the head.
+    assert 1 <= partition.stages[1].crossing_in <= 10
+    assert partition.stages[2].crossing_in == 1
+
+
+def test_identity_solve_gives_one_pass_hessians(tiny_lm_onnx: tuple[str, Path], calib_ids: Path) -> None:
+    _, path = tiny_lm_onnx
+    model, groups = _load(path)
+    batches = _batches(calib_ids)
+    reference = _one_pass(model, groups, batches, path.parent)
+    seen: list[list[str]] = []
+    got: dict[str, HessianStats] = {}
+
+    def identity(stage_groups: list[targets.WeightGroup], stats: dict[str, HessianStats]) -> None:
+        seen.append([g.name for g in stage_groups])
+        got.update(stats)
+
+    sequential.run_sequential(model, groups, batches, solve_stage=identity, model_dir=path.parent, providers=CPU)
+    assert len(seen) == 3 and sum(len(s) for s in seen) == len(groups)
+    assert sorted(got) == _activations(groups)
+    for name, ref in reference.items():
+        assert got[name].rows == ref.rows == 8 * 32
+        assert _rel(got[name].xtx, ref.xtx) < 1e-6, name
+
+
+def test_later_stages_see_quantized_inputs(tiny_lm_onnx: tuple[str, Path], calib_ids: Path) -> None:
+    arch, path = tiny_lm_onnx
+    model, groups = _load(path)
+    batches = _batches(calib_ids)
+    float_logits = ort.InferenceSession(str(path), providers=list(CPU)).run(["logits"], batches[0])[0]
+    reference = _one_pass(model, groups, batches, path.parent)
+    partition = sequential.plan_stages(model, groups)
+    stage1 = _activations(partition.stages[1].groups)
+    taken: set[str] = set()
+    solver = _gptq_solver(model, taken)
+    received: list[dict[str, HessianStats]] = []
+    after_stage0: dict[str, HessianStats] = {}
+
+    def solve_stage(stage_groups: list[targets.WeightGroup], stats: dict[str, HessianStats]) -> None:
+        received.append(stats)
+        solver(stage_groups, stats)
+        if len(received) == 1:
+            # Reference for stage 1: the whole model, block 0 quantized, calibrated in one pass.
+            after_stage0.update(calibrate.collect_hessians(model_io.to_proto(model), stage1, batches,
+                                                           model_dir=path.parent, providers=CPU))
+
+    sequential.run_sequential(model, groups, batches, solve_stage=solve_stage, model_dir=path.parent,
+                              providers=CPU, partition=partition)
+    assert len(received) == 3
+    for name, stats in received[0].items():  # the first block sees the float embedding output
+        assert _rel(stats.xtx, reference[name].xtx) < 1e-6
+    for name in stage1:
+        assert _rel(received[1][name].xtx, after_stage0[name].xtx) < 1e-5, name
+        assert _rel(received[1][name].xtx, reference[name].xtx) > 1e-4, name  # quantized block 0 upstream
+    for name in received[2]:
+        assert _rel(received[2][name].xtx, reference[name].xtx) > 1e-4
+
+    rewrite.remove_unused(model)
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MatMulNBits") == sum(len(g.targets) for g in groups)
+    proto = model_io.to_proto(model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=list(CPU)) if not any(
+        t.data_location == TensorProto.EXTERNAL for t in proto.graph.initializer) else None
+    if session is None:
+        out = path.parent / "sequential_quantized.onnx"
+        model_io.save_atomic(model, out)
+        session = ort.InferenceSession(str(out), providers=list(CPU))
+    logits = session.run(["logits"], batches[0])[0]
+    assert logits.shape == float_logits.shape and np.isfinite(logits).all()
+    # 4-bit weights move the logits, but they stay close to the float model's.
+    assert 0 < np.abs(logits - float_logits).mean() < 0.5 * np.abs(float_logits).mean(), arch
+
+
+def test_spilling_to_disk_gives_identical_hessians(tiny_llama_onnx: Path, calib_ids: Path, tmp_path: Path) -> None:
+    batches = _batches(calib_ids)
+    results = []
+    for spill in (2 << 30, 0):
+        model, groups = _load(tiny_llama_onnx)
+        got: dict[str, HessianStats] = {}
+        sequential.run_sequential(model, groups, batches, solve_stage=_collecting(model, got),
+                                  model_dir=tiny_llama_onnx.parent, providers=CPU,
+                                  cache_dir=tmp_path / f"spill_{spill}", spill_bytes=spill)
+        results.append(got)
+    assert sorted(results[0]) == sorted(results[1])
+    for name in results[0]:
+        np.testing.assert_array_equal(results[0][name].xtx, results[1][name].xtx)
+    assert not list((tmp_path / "spill_0").glob("*.npy"))  # spilled activations are removed after use
+
+
+def _collecting(model: ir.Model, into: dict[str, HessianStats]) -> sequential.SolveStage:
+    solver = _gptq_solver(model, set())
+
+    def solve_stage(stage_groups: list[targets.WeightGroup], stats: dict[str, HessianStats]) -> None:
+        into.update(stats)
+        solver(stage_groups, stats)
+
+    return solve_stage
+
+
+def test_activation_cache_spills_past_budget(tmp_path: Path) -> None:
+    cache = sequential.ActivationCache(num_batches=2, spill_bytes=100, directory=tmp_path)
+    small, big = np.arange(10, dtype=np.float32), np.arange(100, dtype=np.float32).reshape(4, 25)
+    cache.add("a", 0, small)
+    cache.add("a", 1, big)
+    assert cache.memory_bytes == 40 and cache.spilled_bytes == 400
+    assert isinstance(cache.get("a", 1), np.memmap)
+    np.testing.assert_array_equal(cache.get("a", 1), big)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+    cache.drop("a")
+    assert cache.memory_bytes == 0 and not list(tmp_path.glob("*.npy"))
+
+
+def _fan_model(branches: int, *, shared_input: bool, k: int = 8) -> ir.Model:
+    """Inputs -> `branches` parallel MatMuls, all summed at the end.
+
+    With `shared_input` every MatMul reads one input x (the gaps widen one
+    tensor per branch); otherwise each reads its own graph input, so every
+    gap is crossed by about `branches` tensors.
+    """
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    inputs = ["x"] if shared_input else [f"x{i}" for i in range(branches)]
+    for i in range(branches):
+        inits.append(onnx.numpy_helper.from_array(rng.standard_normal((k, k)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [inputs[0] if shared_input else inputs[i], f"w{i}"], [f"y{i}"],
+                                      name=f"mm{i}"))
+    nodes.append(helper.make_node("Sum", [f"y{i}" for i in range(branches)], ["out"], name="sum"))
+    graph = helper.make_graph(nodes, "fan", [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", k])
+                                             for x in inputs],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", k])], inits)
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_no_cut_is_a_model_error() -> None:
+    model = _fan_model(40, shared_input=False)
+    groups, _ = targets.find_targets(model, QuantConfig(group_size=8))
+    assert len(groups) == 40
+    with pytest.raises(ModelError, match=r"fan: cannot calibrate sequentially: no point in the graph where "
+                                         r"<= 32 tensors cross .*'mm0'.* the fewest is 40"):
+        sequential.plan_stages(model, groups, name="fan")
+    # A shared input: the gap after the first MatMul is crossed by x and y0 only, the next by x, y0, y1...
+    shared = _fan_model(4, shared_input=True)
+    groups, _ = targets.find_targets(shared, QuantConfig(group_size=8))
+    assert [len(s.groups) for s in sequential.plan_stages(shared, groups, max_crossing=3).stages] == [1, 1, 2]
+    assert [s.crossing_in for s in sequential.plan_stages(shared, groups, max_crossing=3).stages] == [1, 2, 3]
+
+
+def test_fan_model_runs_sequentially(tmp_path: Path) -> None:
+    """Without module names every narrow gap is a cut; the tensors crossing several cuts are kept until used."""
+    model = _fan_model(4, shared_input=True)
+    groups, _ = targets.find_targets(model, QuantConfig(group_size=8))
+    rng = np.random.default_rng(1)
+    batches = [{"x": rng.standard_normal((5, 8)).astype(np.float32)} for _ in range(3)]
+    got: dict[str, HessianStats] = {}
+    calls: list[int] = []
+
+    def identity(stage_groups: list[targets.WeightGroup], stats: dict[str, HessianStats]) -> None:
+        calls.append(len(stage_groups))
+        got.update(stats)
+
+    sequential.run_sequential(model, groups, batches, solve_stage=identity, model_dir=None, providers=CPU,
+                              max_crossing=3)
+    assert calls == [1, 1, 2]
+    x = np.concatenate([b["x"] for b in batches]).astype(np.float64)
+    assert got["x"].rows == 15
+    np.testing.assert_allclose(got["x"].xtx, x.T @ x, rtol=1e-5)
