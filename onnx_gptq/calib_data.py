@@ -403,8 +403,8 @@ def _tokenizer_of(tokenizer: Any, origin: str) -> Any:
     if tokenizer is None:
         raise CalibrationError(f"{origin} is text and needs a tokenizer (--tokenizer: a tokenizer.json "
                                "or a transformers tokenizer directory)")
-    if hasattr(tokenizer, "encode"):
-        return tokenizer
+    if not isinstance(tokenizer, (str, os.PathLike)) and hasattr(tokenizer, "encode"):
+        return tokenizer  # an already-loaded tokenizer (a str path has .encode too)
     from onnx_gptq.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer)
