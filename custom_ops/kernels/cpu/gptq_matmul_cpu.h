@@ -1,0 +1,71 @@
+// CPU kernel of onnx_gptq.GptqMatMul: Y = A @ W^T (+ bias), W dequantized from
+// packed N-bit codes on the fly (docs/CUSTOM_OP.md has the layout).
+//
+// Math only: raw pointers in, a status code out, no onnxruntime types. The
+// caller (custom_ops/ort/) checks shapes and types against the op's attributes
+// and turns a status into an onnxruntime error naming the input; this kernel
+// re-checks what it relies on and returns kInvalidArgument rather than read
+// out of bounds.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace onnx_gptq {
+namespace cpu {
+
+enum class Status : int {
+  kOk = 0,
+  kInvalidArgument = 1,  // parameters disagree with each other (a caller bug)
+  kBadGroupIndex = 2,    // a g_idx entry outside [0, n_groups)
+  kOutOfMemory = 3,
+};
+
+// Human-readable name of a status, for error messages.
+const char* StatusString(Status status);
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1 };
+
+// Runs task(task_ctx, i) for every i in [0, n_tasks), possibly concurrently,
+// and returns once all have finished. `threads` is how many run at once (a
+// hint for how finely to split work).
+struct ParallelRunner {
+  void* ctx;
+  void (*run)(void* ctx, size_t n_tasks, void (*task)(void* task_ctx, size_t i), void* task_ctx);
+  int threads;
+};
+
+// The library's own persistent thread pool (hardware_concurrency threads,
+// overridable with the environment variable ONNX_GPTQ_NUM_THREADS), used
+// when the caller has no thread pool to offer.
+const ParallelRunner& DefaultRunner();
+
+struct GptqMatMulParams {
+  int64_t M = 0;           // rows of A (product of its leading dimensions)
+  int64_t K = 0;           // input features
+  int64_t N = 0;           // output features
+  int bits = 0;            // 2, 3, 4 or 8
+  int64_t block_size = 0;  // input columns per packed block
+  int64_t n_groups = 0;    // columns of scales / zero_points
+  DType dtype = DType::kFloat32;  // type of A, scales, bias and Y
+
+  const void* A = nullptr;               // T     [M, K]
+  const uint8_t* B = nullptr;            // uint8 [N, ceil(K/block_size), ceil(block_size*bits/8)]
+  const void* scales = nullptr;          // T     [N, n_groups]
+  const uint8_t* zero_points = nullptr;  // uint8 [N, n_groups], or nullptr: 2**(bits-1)
+  const int32_t* g_idx = nullptr;        // int32 [K], or nullptr: k / block_size
+  const void* bias = nullptr;            // T     [N], or nullptr
+  void* Y = nullptr;                     // T     [M, N]
+};
+
+// Computes Y. With `runner` nullptr the default thread pool is used.
+Status GptqMatMul(const GptqMatMulParams& params, const ParallelRunner* runner);
+
+// The instruction set the next call will use: "avx512", "avx2" or "scalar".
+// The best one the CPU supports, unless the environment variable
+// ONNX_GPTQ_CPU_ISA names a lower one (read on every call, so tests can
+// exercise every path in one process).
+const char* SelectedIsa();
+
+}  // namespace cpu
+}  // namespace onnx_gptq

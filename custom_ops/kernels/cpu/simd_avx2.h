@@ -1,0 +1,83 @@
+// AVX2 + FMA + F16C vector of 8 floats. Include after defining GPTQ_ISA_NS, in a
+// unit compiled with at least -mavx2 -mfma -mf16c.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "half.h"
+
+namespace onnx_gptq {
+namespace cpu {
+namespace GPTQ_ISA_NS {
+
+struct Avx2V {
+  static constexpr int W = 8;
+  using F = __m256;
+
+  static F Zero() { return _mm256_setzero_ps(); }
+  static F Set1(float x) { return _mm256_set1_ps(x); }
+  static F Load(const float* p) { return _mm256_loadu_ps(p); }
+  static void Store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F Fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static float Hsum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static F Gather(const float* base, const int32_t* idx) {
+    return _mm256_i32gather_ps(base, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), 4);
+  }
+
+  // See ScalarV::Unpack. 4/2/8 bits: 8 bytes, lane j = byte j. 3 bits: 24
+  // bytes, lane j = the 3-byte group j holding codes 8j..8j+7.
+  template <int BITS>
+  static void Unpack(const uint8_t* src, F* out) {
+    if constexpr (BITS == 3) {
+      // Masked load of exactly 6 dwords (never touches byte 24 and beyond),
+      // move dwords 3..5 to the upper 128-bit lane, then give each 3-byte
+      // group its own dword.
+      const __m256i mask = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+      __m256i v = _mm256_maskload_epi32(reinterpret_cast<const int*>(src), mask);
+      v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0));
+      const __m256i shuf = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,  //
+                                            0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+      v = _mm256_shuffle_epi8(v, shuf);
+      const __m256i m7 = _mm256_set1_epi32(7);
+      for (int s = 0; s < 8; ++s) out[s] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 3 * s), m7));
+    } else {
+      const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+      if constexpr (BITS == 8) {
+        out[0] = _mm256_cvtepi32_ps(x);
+      } else {
+        constexpr int kS = 8 / BITS;
+        const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+        for (int s = 0; s < kS; ++s) {
+          out[s] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x, BITS * s), mask));
+        }
+      }
+    }
+  }
+
+  static void HalfToFloat(const uint16_t* src, float* dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    }
+    for (; i < n; ++i) dst[i] = HalfToFloatScalar(src[i]);
+  }
+  static void FloatToHalf(const float* src, uint16_t* dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    for (; i < n; ++i) dst[i] = FloatToHalfScalar(src[i]);
+  }
+};
+
+}  // namespace GPTQ_ISA_NS
+}  // namespace cpu
+}  // namespace onnx_gptq

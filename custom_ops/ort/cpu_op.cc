@@ -1,0 +1,150 @@
+// GptqMatMul on onnxruntime's CPU execution provider: checks the inputs,
+// then hands raw pointers to the kernel in custom_ops/kernels/cpu/.
+#include "cpu_op.h"
+
+#include <mutex>
+#include <new>
+#include <string>
+#include <thread>
+
+#include "../kernels/cpu/gptq_matmul_cpu.h"
+#include "gptq_op.h"
+
+namespace onnx_gptq {
+namespace {
+
+struct CpuKernel {
+  const OrtApi* api = nullptr;
+  uint32_t op_version = 0;
+  ONNXTensorElementDataType act_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  GptqAttrs attrs;
+  GptqNodeInfo node;
+};
+
+OrtStatusPtr CreateKernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info, void** kernel) {
+  *kernel = nullptr;
+  const GptqOpDef* def = static_cast<const GptqOpDef*>(op);
+  CpuKernel* k = new (std::nothrow) CpuKernel;
+  if (!k) return api->CreateStatus(ORT_FAIL, "GptqMatMul: out of memory creating the CPU kernel");
+  k->api = api;
+  k->op_version = def->version;
+  k->act_type = def->act_type;
+  k->node = ReadNodeInfo(api, info);
+  if (OrtStatus* st = ReadGptqAttrs(api, info, k->node, &k->attrs)) {
+    delete k;
+    return st;
+  }
+  *kernel = k;
+  return nullptr;
+}
+
+void DestroyKernel(void* kernel) { delete static_cast<CpuKernel*>(kernel); }
+
+// Runs the kernel's tasks on the session's intra-op thread pool.
+struct OrtRunnerCtx {
+  const OrtApi* api;
+  const OrtKernelContext* ctx;
+};
+
+void OrtParallelRun(void* ctx, size_t n_tasks, void (*task)(void*, size_t), void* task_ctx) {
+  const OrtRunnerCtx* r = static_cast<const OrtRunnerCtx*>(ctx);
+  if (OrtStatus* st = r->api->KernelContext_ParallelFor(r->ctx, task, n_tasks, 0, task_ctx)) {
+    // Only fails without a context; every task is idempotent, so run them all here.
+    r->api->ReleaseStatus(st);
+    for (size_t i = 0; i < n_tasks; ++i) task(task_ctx, i);
+  }
+}
+
+int HardwareThreads() {
+  const unsigned hw = std::thread::hardware_concurrency();
+  return hw == 0 ? 1 : int(hw);
+}
+
+OrtStatus* Error(const OrtApi* api, const std::string& msg) { return api->CreateStatus(ORT_INVALID_ARGUMENT, msg.c_str()); }
+
+OrtStatusPtr Compute(void* kernel, OrtKernelContext* ctx) {
+  const CpuKernel& k = *static_cast<const CpuKernel*>(kernel);
+  const OrtApi* api = k.api;
+  try {
+    TensorDesc in[kNumInputs];
+    const OrtValue* values[kNumInputs] = {};
+    for (size_t i = 0; i < kNumInputs; ++i) {
+      if (OrtStatus* st = DescribeInput(api, ctx, i, &in[i], &values[i])) return st;
+    }
+    GptqShapes shapes;
+    std::string err = CheckGptqInputs(k.attrs, in, k.node, &shapes);
+    if (!err.empty()) return Error(api, err);
+    if (shapes.act_type != k.act_type) {  // onnxruntime picks the kernel by A's type; keep the check anyway
+      return Error(api, k.node.Describe() + ": input 'A' has type " + TypeString(shapes.act_type) +
+                            ", this kernel takes " + TypeString(k.act_type));
+    }
+    void* data[kNumInputs] = {};
+    for (size_t i = 0; i < kNumInputs; ++i) {
+      if (!values[i]) continue;
+      if (OrtStatus* st = api->GetTensorMutableData(const_cast<OrtValue*>(values[i]), &data[i])) return st;
+    }
+    const int32_t* g_idx = static_cast<const int32_t*>(data[kInputGIdx]);
+    if (g_idx) {
+      err = CheckGroupIndexValues(g_idx, k.attrs.K, shapes.n_groups, k.node);
+      if (!err.empty()) return Error(api, err);
+    }
+    OrtValue* y = nullptr;
+    if (OrtStatus* st = api->KernelContext_GetOutput(ctx, 0, shapes.y_dims.data(), shapes.y_dims.size(), &y)) {
+      return st;
+    }
+    void* y_data = nullptr;
+    if (OrtStatus* st = api->GetTensorMutableData(y, &y_data)) return st;
+
+    cpu::GptqMatMulParams p;
+    p.M = shapes.M;
+    p.K = k.attrs.K;
+    p.N = k.attrs.N;
+    p.bits = int(k.attrs.bits);
+    p.block_size = k.attrs.block_size;
+    p.n_groups = shapes.n_groups;
+    p.dtype = k.act_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? cpu::DType::kFloat16 : cpu::DType::kFloat32;
+    p.A = data[kInputA];
+    p.B = static_cast<const uint8_t*>(data[kInputB]);
+    p.scales = data[kInputScales];
+    p.zero_points = static_cast<const uint8_t*>(data[kInputZeroPoints]);
+    p.g_idx = g_idx;
+    p.bias = data[kInputBias];
+    p.Y = y_data;
+
+    // onnxruntime >= 1.17 lends its intra-op pool; older ones get ours.
+    OrtRunnerCtx runner_ctx{api, ctx};
+    const cpu::ParallelRunner ort_runner{&runner_ctx, &OrtParallelRun, HardwareThreads()};
+    const bool use_ort_pool = k.op_version >= ONNX_GPTQ_ORT_API_SHAPE_INFER;
+    const cpu::Status status = cpu::GptqMatMul(p, use_ort_pool ? &ort_runner : nullptr);
+    if (status != cpu::Status::kOk) {
+      return api->CreateStatus(status == cpu::Status::kOutOfMemory ? ORT_FAIL : ORT_INVALID_ARGUMENT,
+                               (k.node.Describe() + ": CPU kernel failed: " + cpu::StatusString(status)).c_str());
+    }
+    return nullptr;
+  } catch (const std::bad_alloc&) {
+    return api->CreateStatus(ORT_FAIL, (k.node.Describe() + ": out of memory").c_str());
+  }
+}
+
+GptqOpDef g_cpu_f32;
+GptqOpDef g_cpu_f16;
+std::once_flag g_init_once;
+
+}  // namespace
+
+OrtStatus* RegisterCpuOps(OrtCustomOpDomain* domain, const OrtApi* api, uint32_t op_version) {
+  std::call_once(g_init_once, [&] {
+    for (GptqOpDef* op : {&g_cpu_f32, &g_cpu_f16}) {
+      const ONNXTensorElementDataType t =
+          op == &g_cpu_f32 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+      InitGptqOpDef(op, op_version, api, t, nullptr);
+      op->CreateKernelV2 = &CreateKernel;
+      op->KernelComputeV2 = &Compute;
+      op->KernelDestroy = &DestroyKernel;
+    }
+  });
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_cpu_f32)) return st;
+  return api->CustomOpDomain_Add(domain, &g_cpu_f16);
+}
+
+}  // namespace onnx_gptq
