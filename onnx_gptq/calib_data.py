@@ -19,7 +19,9 @@ Accepted sources (see :func:`make_batches`):
   position ids, empty past key/values...) are filled in.
 
 Model inputs other than ``input_ids`` are derived from the graph's declared
-inputs by :class:`ModelInputs`.
+inputs by :class:`ModelInputs`, which also reads the vocabulary size (ids are
+checked against it) and a learned position table's length (``seq_len`` is
+clipped to it) from the graph.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ class ModelInputs:
         vocab_size: rows of the embedding table (or the logits' last dim), if found.
         static_seq_len: a static sequence dim of input_ids, if any.
         static_batch: a static batch dim of input_ids, if any.
+        max_positions: rows of a learned position-embedding table, if found
+            (sequences longer than this would index past its end).
     """
 
     input_ids: InputSpec | None
@@ -101,6 +105,7 @@ class ModelInputs:
     vocab_size: int | None
     static_seq_len: int | None
     static_batch: int | None
+    max_positions: int | None = None
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, *, check_fillable: bool = True) -> "ModelInputs":
@@ -132,7 +137,7 @@ class ModelInputs:
                 static_batch = ids.dims[0]
             if isinstance(ids.dims[1], int) and ids.dims[1] > 0:
                 static_seq = ids.dims[1]
-        return cls(ids, others, _vocab_size(model), static_seq, static_batch)
+        return cls(ids, others, _vocab_size(model), static_seq, static_batch, _max_positions(model))
 
     def feeds(self, input_ids: np.ndarray, given: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """A complete feed dict for one run.
@@ -213,19 +218,6 @@ def _vocab_size(model: onnx.ModelProto) -> int | None:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
 
-    def table_rows(name: str) -> int | None:
-        for _ in range(3):  # follow Identity/Cast/DequantizeLinear back to the initializer
-            if name in inits:
-                return int(inits[name][0]) if inits[name] else None
-            node = producers.get(name)
-            if node is not None and node.op_type == "Constant":
-                value = next((a.t for a in node.attribute if a.name == "value"), None)
-                return int(value.dims[0]) if value is not None and value.dims else None
-            if node is None or node.op_type not in ("Identity", "Cast", "DequantizeLinear") or not node.input:
-                return None
-            name = node.input[0]
-        return None
-
     frontier, seen = ["input_ids"], set()
     while frontier:
         name = frontier.pop()
@@ -235,7 +227,7 @@ def _vocab_size(model: onnx.ModelProto) -> int | None:
         for node in consumers.get(name, []):
             if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
                 axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-                rows = table_rows(node.input[0]) if axis == 0 else None
+                rows = _table_rows(node.input[0], inits, producers) if axis == 0 else None
                 if rows:
                     return rows
             elif node.op_type in _ID_PASSTHROUGH and node.input[0] == name:
@@ -246,6 +238,62 @@ def _vocab_size(model: onnx.ModelProto) -> int | None:
             if last.HasField("dim_value") and last.dim_value > 0:
                 return int(last.dim_value)
     return None
+
+
+def _table_rows(name: str, inits: dict[str, list[int]], producers: dict[str, onnx.NodeProto]) -> int | None:
+    """First dim of a constant 2-D table, following Identity/Cast/DequantizeLinear back to it."""
+    for _ in range(3):
+        if name in inits:
+            return int(inits[name][0]) if len(inits[name]) == 2 else None
+        node = producers.get(name)
+        if node is not None and node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            return int(value.dims[0]) if value is not None and len(value.dims) == 2 else None
+        if node is None or node.op_type not in ("Identity", "Cast", "DequantizeLinear") or not node.input:
+            return None
+        name = node.input[0]
+    return None
+
+
+def _max_positions(model: onnx.ModelProto) -> int | None:
+    """Rows of a learned position-embedding table (GPT-2's wpe), if the graph has one.
+
+    A position table is a constant 2-D Gather table whose indices derive from a
+    ``position_ids`` input or from Range/CumSum, and not from the values of
+    input_ids or token_type_ids (their *shape* may be involved: Shape stops the search).
+    """
+    graph = model.graph
+    inits = {t.name: list(t.dims) for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    inputs = {v.name for v in graph.input}
+    found: list[int] = []
+    for node in graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2:
+            continue
+        if next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0) != 0:
+            continue
+        rows = _table_rows(node.input[0], inits, producers)
+        if rows is None:
+            continue
+        positional = token_valued = False
+        stack, seen = [node.input[1]], set()
+        while stack and len(seen) < 64:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in inputs:
+                positional |= name == "position_ids"
+                token_valued |= name in ("input_ids", "token_type_ids")
+                continue
+            parent = producers.get(name)
+            if parent is None or parent.op_type == "Shape":
+                continue
+            positional |= parent.op_type in ("Range", "CumSum")
+            stack.extend(i for i in parent.input if i)
+        if positional and not token_valued:
+            found.append(rows)
+    return min(found) if found else None
 
 
 # ---------------------------------------------------------------------------
@@ -495,8 +543,9 @@ def make_batches(source: Any, model: onnx.ModelProto, config: CalibConfig, *,
             given), or an np.ndarray of ids.
         model: the model the feeds are for (its graph inputs and embedding size
             are read; external data need not be loaded).
-        config: samples, sequence length (clipped to a static sequence dim of
-            input_ids), batch size (clipped to a static batch dim), seed.
+        config: samples, sequence length (set to a static sequence dim of
+            input_ids, and clipped to the rows of a learned position table),
+            batch size (set to a static batch dim), seed.
         tokenizer: for text sources: a tokenizer.json, a transformers tokenizer
             directory or .gguf (read by ``onnx_gptq.tokenizer.load_tokenizer``),
             or an object with ``encode(text) -> list[int]``.
@@ -523,6 +572,10 @@ def make_batches(source: Any, model: onnx.ModelProto, config: CalibConfig, *,
         logger.info("seq_len: the model takes exactly %d tokens; using that instead of %d",
                     inputs.static_seq_len, seq_len)
         seq_len = inputs.static_seq_len
+    if inputs.max_positions is not None and seq_len > inputs.max_positions:
+        logger.info("seq_len: the model's position table has %d rows; using %d instead of %d",
+                    inputs.max_positions, inputs.max_positions, seq_len)
+        seq_len = inputs.max_positions
     batch_size = config.batch_size if inputs.static_batch is None else inputs.static_batch
 
     if isinstance(data, _Text):

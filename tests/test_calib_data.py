@@ -326,3 +326,55 @@ def test_inputs_that_cannot_be_filled_are_named() -> None:
     no_ids = helper.make_graph([], "g", [pixels], [pixels])
     with pytest.raises(CalibrationError, match="no 'input_ids' input"):
         make_batches(np.arange(50), helper.make_model(no_ids), CONFIG)
+
+
+def _bert_like(max_positions: int) -> onnx.ModelProto:
+    """Word + learned position (via Range) + token-type embeddings, summed."""
+    rng = np.random.default_rng(0)
+    tables = {"E": (VOCAB, HIDDEN), "P": (max_positions, HIDDEN), "TT": (2, HIDDEN)}
+    nodes = [
+        helper.make_node("Gather", ["E", "input_ids"], ["word"]),
+        helper.make_node("Shape", ["input_ids"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+        helper.make_node("Range", ["zero", "length", "one"], ["positions"]),
+        helper.make_node("Gather", ["P", "positions"], ["pos"]),
+        helper.make_node("Gather", ["TT", "token_type_ids"], ["types"]),
+        helper.make_node("Add", ["word", "pos"], ["wp"]),
+        helper.make_node("Add", ["wp", "types"], ["hidden"]),
+    ]
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in tables.items()]
+    inits += [numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array(1, np.int64), "one")]
+    graph = helper.make_graph(nodes, "bert", [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch", "sequence"]),
+    ], [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", "sequence", HIDDEN])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_position_table_clips_sequence_length() -> None:
+    model = _bert_like(max_positions=12)
+    inputs = ModelInputs.from_model(model)
+    assert (inputs.vocab_size, inputs.max_positions) == (VOCAB, 12)  # not the 2-row token-type table
+    batches = make_batches(np.arange(300) % VOCAB, model, CalibConfig(num_samples=3, seq_len=64, batch_size=3))
+    assert batches[0]["input_ids"].shape == (3, 12)
+    np.testing.assert_array_equal(batches[0]["token_type_ids"], np.zeros((3, 12), np.int64))
+    stats = collect_hessians(model, ["hidden"], batches)  # 64 positions would index past the table
+    assert stats["hidden"].rows == 36
+    assert ModelInputs.from_model(_lm()).max_positions is None
+
+
+def test_tiny_gpt2_export(tiny_gpt2_onnx: Path) -> None:
+    """Real exports: vocabulary and the 256-row position table are found; Gemm inputs calibrate."""
+    proto = onnx.load(tiny_gpt2_onnx, load_external_data=False)
+    inputs = ModelInputs.from_model(proto)
+    assert (inputs.vocab_size, inputs.max_positions) == (256, 256)
+    batches = make_batches(np.arange(3000) % 256, proto, CalibConfig(num_samples=2, seq_len=300, batch_size=2))
+    assert [b["input_ids"].shape for b in batches] == [(2, 256)]
+    np.testing.assert_array_equal(batches[0]["attention_mask"], np.ones((2, 256), np.int64))
+    weights = {t.name for t in proto.graph.initializer}
+    names = sorted({n.input[0] for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights})
+    stats = collect_hessians(proto, names, batches, model_dir=tiny_gpt2_onnx.parent)
+    assert names and all(s.rows == 2 * 256 for s in stats.values())
+    with pytest.raises(CalibrationError, match="token id 256 is outside"):
+        make_batches(np.full((1, 8), 256), proto, CONFIG)
