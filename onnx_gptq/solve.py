@@ -41,7 +41,7 @@ _MAX_DAMP = 1.0
 # Above this many multiply-adds the error traces are computed in float32.
 _FLOAT64_TRACE_LIMIT = 2e9
 # Rows per sub-block of the rank-1 updates inside a lazy-batch block.
-_SUB = 16
+_SUB = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +162,16 @@ def _to_qweight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g:
 
 def _dequantize_torch(qw: QuantizedWeight, device: torch.device) -> torch.Tensor:
     """QuantizedWeight.dequantize() on `device`, same float32 arithmetic. [N, K]"""
-    gcol = torch.as_tensor(qw.group_of_column(), device=device)
-    scales = torch.as_tensor(qw.scales.astype(np.float32), device=device)[:, gcol]
-    zeros = torch.as_tensor(qw.zeros.astype(np.float32), device=device)[:, gcol]
-    codes = torch.as_tensor(qw.codes, device=device).to(torch.float32)
-    return (codes - zeros) * scales
+    n, k = qw.shape
+    scales = torch.as_tensor(qw.scales.astype(np.float32), device=device)  # [N, G]
+    zeros = torch.as_tensor(qw.zeros, device=device).to(torch.float32)  # [N, G]
+    codes = torch.as_tensor(qw.codes, device=device).to(torch.float32)  # [N, K]
+    if qw.g_idx is not None:
+        gcol = torch.as_tensor(qw.g_idx.astype(np.int64), device=device)
+        return (codes - zeros[:, gcol]) * scales[:, gcol]
+    # Contiguous groups: broadcast over [N, G, group_size] instead of gathering.
+    Cg = grid.group_view(codes, qw.group_size)  # [N, G, gs]
+    return ((Cg - zeros[..., None]) * scales[..., None]).reshape(n, -1)[:, :k]
 
 
 def _rtn(W: torch.Tensor, g: _Grid, weight: torch.Tensor | None,
@@ -267,8 +272,11 @@ def _gptq(W: torch.Tensor, U: torch.Tensor, g: _Grid, *, blocksize: int,
         Err1 = torch.empty_like(W1)  # [count, N]
         U1 = U[i1:i2, i1:i2]  # [count, count]
         d = U1.diagonal().tolist()
-        # Inside the block, rank-1 updates only touch a sub-block of _SUB rows; the
-        # rest of the block gets them as one product (same math, less memory traffic).
+        # Inside the block, a column gets the updates of the earlier columns of its
+        # sub-block (_SUB columns) as one small product when it comes up (left-looking),
+        # and the rest of the block gets a sub-block's updates as one product at its
+        # end: the same math as rank-1 updates after every column, with far fewer
+        # memory passes and parallel ops (those stall on a busy CPU).
         # Dynamic groups start sub-blocks, so a group's rows are current when it starts.
         cuts = set(range(0, count, _SUB))
         if static is None:
@@ -285,13 +293,13 @@ def _gptq(W: torch.Tensor, U: torch.Tensor, g: _Grid, *, blocksize: int,
                                             weight=wgt, scale_dtype=g.scale_dtype)
                     scaleT[grp], zeroT[grp] = s, z
                 s, z = scaleT[grp], zeroT[grp]
-                w = W1[i]  # [N]
+                w = W1[i]  # [N], current except for this sub-block's earlier columns
+                if i > j1:
+                    w = torch.addmv(w, Err1[j1:i].t(), U1[j1:i, i], alpha=-1.0)
                 c = grid.quantize(w, s, z, maxq)
                 codesT[col] = c
                 err = (w - grid.dequantize(c, s, z)).div_(d[i])  # [N]
                 Err1[i] = err
-                if i + 1 < j2:
-                    W1[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1.0)
             if j2 < count:
                 W1[j2:].addmm_(U1[j1:j2, j2:].t(), Err1[j1:j2], alpha=-1.0)
         err_sq += Err1.double().pow(2).sum()
