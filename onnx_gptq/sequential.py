@@ -29,12 +29,14 @@ in memory (packed weights, small models) are embedded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -531,7 +533,8 @@ class ActivationCache:
 def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dict[str, np.ndarray]], *,
                    solve_stage: SolveStage, model_dir: Path | None, providers: Sequence[str],
                    cache_dir: Path | None = None, spill_bytes: int = 2 << 30, progress: bool = False,
-                   max_crossing: int = DEFAULT_MAX_CROSSING, partition: Partition | None = None) -> None:
+                   max_crossing: int = DEFAULT_MAX_CROSSING, partition: Partition | None = None,
+                   timings: dict[str, float] | None = None) -> None:
     """Calibrate and quantize `model` stage by stage, each stage seeing earlier ones quantized.
 
     Args:
@@ -548,6 +551,10 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
         progress: show a progress bar over stages.
         max_crossing: most non-constant tensors a cut may cross.
         partition: a plan from `plan_stages` (planned here when None).
+        timings: when given, seconds are added under "sequential:plan",
+            "sequential:calibrate" (Hessian runs), "sequential:solve" (the
+            `solve_stage` calls) and "sequential:forward" (runs producing the
+            next stages' inputs).
 
     Raises:
         ModelError: no usable cut (see `plan_stages`); a stage submodel onnxruntime cannot load.
@@ -556,7 +563,9 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
     if not batches:
         raise CalibrationError("calibration data is empty: no batch was given")
     name = model.graph.name or "model"
-    partition = partition or plan_stages(model, groups, max_crossing=max_crossing, name=name)
+    clock = _Clock(timings)
+    with clock("sequential:plan"):
+        partition = partition or plan_stages(model, groups, max_crossing=max_crossing, name=name)
     input_names = [v.name or "" for v in model.graph.inputs]
     cache = ActivationCache(len(batches), spill_bytes, cache_dir)
     try:
@@ -572,7 +581,7 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
             stages = tqdm(stages, desc="sequential stages", unit="stage")
         for stage in stages:
             _run_stage(model, partition, stage, cache, solve_stage=solve_stage, model_dir=model_dir,
-                       providers=providers, progress=progress)
+                       providers=providers, progress=progress, clock=clock)
         logger.info("sequential calibration: %d stages; activation cache peak %.1f MB in memory, %.1f MB spilled",
                     len(partition.stages), cache.peak_memory_bytes / 1e6, cache.spilled_bytes / 1e6)
     finally:
@@ -580,7 +589,8 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
 
 
 def _run_stage(model: ir.Model, partition: Partition, stage: Stage, cache: ActivationCache, *,
-               solve_stage: SolveStage, model_dir: Path | None, providers: Sequence[str], progress: bool) -> None:
+               solve_stage: SolveStage, model_dir: Path | None, providers: Sequence[str], progress: bool,
+               clock: "_Clock") -> None:
     graph = model.graph
     last = stage.index == len(partition.stages) - 1
     view = _stage_view(graph, partition, stage.index)
@@ -593,33 +603,59 @@ def _run_stage(model: ir.Model, partition: Partition, stage: Stage, cache: Activ
 
     if stage.groups:
         activations = sorted({t.activation.name for g in stage.groups for t in g.targets})
-        proto = _stage_proto(model, view, examples, outputs=[])
-        stats = calibrate.collect_hessians(proto, activations, feeds, model_dir=model_dir, providers=providers,
-                                           progress=progress)
-        del proto
-        solve_stage(stage.groups, stats)
+        with clock("sequential:calibrate"):
+            proto = _stage_proto(model, view, examples, outputs=[])
+            stats = calibrate.collect_hessians(proto, activations, feeds, model_dir=model_dir,
+                                               providers=providers, progress=progress)
+            del proto
+        with clock("sequential:solve"):
+            solve_stage(stage.groups, stats)
         del stats
         view = _stage_view(graph, partition, stage.index)  # the stage as rewritten
 
     if not last and view.outputs:
-        proto = _stage_proto(model, view, examples, outputs=view.outputs)
-        session = _forward_session(proto, model_dir, providers)
-        del proto
-        output_names = [v.name for v in view.outputs]
-        for b, batch in enumerate(feeds):
-            try:
-                results = session.run(output_names, calibrate._ort_feeds(batch))
-            except Exception as exc:  # noqa: BLE001 - onnxruntime's error types are not exported stably
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise CalibrationError(f"sequential calibration: stage {stage.index}, batch {b}: "
-                                       f"onnxruntime failed: {message}") from exc
-            for output_name, array in zip(output_names, results):
-                cache.add(output_name, b, array)
-        del session
+        with clock("sequential:forward"):
+            _forward(model, view, examples, feeds, cache, stage.index, model_dir, providers)
     del feeds, examples
     for cached in cache.names():
         if cached not in view.later_reads:
             cache.drop(cached)
+
+
+def _forward(model: ir.Model, view: _StageView, examples: dict[str, list[np.ndarray]],
+             feeds: list[dict[str, np.ndarray]], cache: ActivationCache, index: int, model_dir: Path | None,
+             providers: Sequence[str]) -> None:
+    """Run the (quantized) stage on every batch and cache the outputs later stages read."""
+    proto = _stage_proto(model, view, examples, outputs=view.outputs)
+    session = _forward_session(proto, model_dir, providers)
+    del proto
+    output_names = [v.name for v in view.outputs]
+    for b, batch in enumerate(feeds):
+        try:
+            results = session.run(output_names, calibrate._ort_feeds(batch))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's error types are not exported stably
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CalibrationError(f"sequential calibration: stage {index}, batch {b}: "
+                                   f"onnxruntime failed: {message}") from exc
+        for output_name, array in zip(output_names, results):
+            cache.add(output_name, b, array)
+    del session
+
+
+class _Clock:
+    """Adds wall seconds per label into a caller's dict (or nowhere)."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, label: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.timings is not None:
+                self.timings[label] = self.timings.get(label, 0.0) + time.perf_counter() - start
 
 
 __all__ = ["ActivationCache", "DEFAULT_MAX_CROSSING", "Partition", "Stage", "block_key", "plan_stages",

@@ -232,9 +232,12 @@ def test_fan_model_runs_sequentially(tmp_path: Path) -> None:
         calls.append(len(stage_groups))
         got.update(stats)
 
+    timings: dict[str, float] = {}
     sequential.run_sequential(model, groups, batches, solve_stage=identity, model_dir=None, providers=CPU,
-                              max_crossing=3)
+                              max_crossing=3, timings=timings)
     assert calls == [1, 1, 2]
+    assert sorted(timings) == ["sequential:calibrate", "sequential:forward", "sequential:plan", "sequential:solve"]
+    assert all(t >= 0 for t in timings.values())
     x = np.concatenate([b["x"] for b in batches]).astype(np.float64)
     assert got["x"].rows == 15
     np.testing.assert_allclose(got["x"].xtx, x.T @ x, rtol=1e-5)
