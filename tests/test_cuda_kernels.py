@@ -18,8 +18,9 @@ from onnx_gptq.pack import pack_custom
 from onnx_gptq.qweight import QuantizedWeight
 
 # Shapes: (K, N). 328 = 10*32 + 8 (a partial last 32-column chunk, K % 8 == 0),
-# 333 is odd (tensor cores cannot take it: SIMT path), N values are odd.
-SHAPES = [(328, 77), (1024, 300), (333, 45)]
+# 333 is odd (tensor cores cannot take it: SIMT path), N values are odd;
+# 4104 with N = 33 makes the GEMV split K over 4 warps, with a partial last chunk.
+SHAPES = [(328, 77), (1024, 300), (333, 45), (4104, 33)]
 MS = (1, 2, 3, 7, 17, 100, 256, 512)
 # Group sizes: multiples of 32 (fast paths; 128 leaves a ragged last block),
 # 48 and 7 (generic paths), and None = per-channel (block_size = K).

@@ -45,12 +45,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 
 // Code of column k in one packed row (any bits <= 8, any block size).
 // Reads the second byte only when the code straddles a byte boundary, so it
-// never touches a byte outside the code's own blob.
+// never touches a byte outside the code's own blob. K and block_size are
+// < 2**31 (checked by the entry point), so the division is 32-bit.
 __device__ __forceinline__ uint32_t read_code(const uint8_t* __restrict__ row, int64_t k, int bits,
                                               int64_t block_size, int64_t blob_size) {
-  const int64_t b = k / block_size;
-  const int64_t bit = (k - b * block_size) * bits;
-  const uint8_t* p = row + b * blob_size + (bit >> 3);
+  const uint32_t kk = static_cast<uint32_t>(k), bs = static_cast<uint32_t>(block_size);
+  const uint32_t b = kk / bs;
+  const int64_t bit = static_cast<int64_t>(kk - b * bs) * bits;
+  const uint8_t* p = row + static_cast<int64_t>(b) * blob_size + (bit >> 3);
   const int shift = static_cast<int>(bit & 7);
   uint32_t v = __ldg(p);
   if (shift + bits > 8) v |= static_cast<uint32_t>(__ldg(p + 1)) << 8;
@@ -63,7 +65,8 @@ __device__ __forceinline__ uint32_t read_code(const uint8_t* __restrict__ row, i
 template <typename T>
 __device__ __forceinline__ float dequant_generic(const Problem& p, const uint8_t* __restrict__ row,
                                                  int64_t n, int64_t k) {
-  const int64_t g = p.g_idx ? static_cast<int64_t>(__ldg(p.g_idx + k)) : k / p.block_size;
+  const int64_t g = p.g_idx ? static_cast<int64_t>(__ldg(p.g_idx + k))
+                            : static_cast<int64_t>(static_cast<uint32_t>(k) / static_cast<uint32_t>(p.block_size));
   if (g < 0 || g >= p.n_groups) return __int_as_float(0x7fc00000);
   const uint32_t code = read_code(row, k, p.bits, p.block_size, p.blob_size);
   const float zero = p.zp ? static_cast<float>(__ldg(p.zp + n * p.n_groups + g))

@@ -85,7 +85,7 @@ template <int BITS> struct WFetch<BITS, true> {
       w[0] = static_cast<uint32_t>(__ldg(s16)) | (static_cast<uint32_t>(__ldg(s16 + 1)) << 16);
       w[1] = __ldg(s16 + 2);
     }
-    const int64_t g = k / p.block_size;
+    const int64_t g = static_cast<uint32_t>(k) / static_cast<uint32_t>(p.block_size);  // K < 2**31
     const T* scales = static_cast<const T*>(p.scales);
     scale = to_float<T>(scales[n * p.n_groups + g]);
     zero = p.zp ? static_cast<float>(__ldg(p.zp + n * p.n_groups + g)) : static_cast<float>(1 << (BITS - 1));

@@ -5,15 +5,22 @@
 // 4*bits bytes) lies in one group. A warp owns kRowsPerWarp output rows and a
 // 1/ksplit share of K; lane i streams chunks i, i+32*ksplit, ... with one
 // 128-bit (8-bit: two, 2-bit: one 64-bit, 3-bit: three 32-bit) streaming load
-// per row, decodes the codes into float32 in registers, accumulates in float32,
-// and the ksplit warps of a row meet in shared memory at the end.
+// per row, decodes the codes into float32 in registers and accumulates in
+// float32; the ksplit warps of a row meet in shared memory at the end. Each A
+// load and conversion serves kRowsPerWarp rows.
 //
-// Decoding: a code q (<= 8 bits) placed in the low byte of the float 2**23
-// (bit pattern 0x4B000000, one PRMT or LOP3) *is* the float 2**23 + q; one FADD
-// of -(2**23 + zero_point) then gives (q - zp) exactly. The scale is applied
-// once per chunk: acc += scale * sum_k a[k] * (q_k - zp). So per code and row:
-// ~1.5 integer ops, 1 FADD and one FFMA per row of A, all exact up to fp32
-// rounding of the products and sums, as the spec asks.
+// Decoding without integer->float conversions (I2F is quarter rate):
+// * exact (float32 T, and 8-bit codes): a code q in the low byte of the float
+//   2**23 (bit pattern 0x4B000000; one PRMT) *is* the float 2**23 + q, and one
+//   FADD of -(2**23 + zero_point) gives (q - zp) exactly; then one FFMA per row
+//   of A. Per code and row: ~1.4 integer ops, 1 FADD, M FFMA.
+// * offset (fp16/bf16 T, codes < 128): q in byte 2 under 0x3F gives exactly
+//   f = 0.5 + q/256 (one PRMT), and sum_k a_k (q_k - zp)
+//   = 256 * sum_k a_k f_k - (128 + zp) * sum_k a_k, with sum_k a_k shared by all
+//   rows. This saves the FADD per code (the kernel is issue-bound otherwise)
+//   at the price of ~2**-17 * sum_k |a_k| * scale of extra float32 rounding,
+//   far below the fp16/bf16 rounding of the output.
+// The scale is applied once per chunk: acc += scale * sum_k a_k (q_k - zp).
 //
 // Generic kernel (g_idx, odd block sizes, misaligned B): one warp per output
 // row, lanes stride over K, each code read from the bit stream byte-wise.
@@ -23,14 +30,19 @@ namespace onnx_gptq_cuda {
 namespace {
 
 constexpr int kWarps = 8;         // warps per CTA
-constexpr int kRowsPerWarp = 2;   // output rows sharing each A load
+constexpr int kRowsPerWarp = 4;   // output rows sharing each A load
 constexpr int kChunk = 32;        // codes per chunk
-constexpr uint32_t kMagic = 0x4B000000u;  // float 2**23
-constexpr float kMagicF = 8388608.0f;
+constexpr uint32_t kExactBits = 0x4B000000u;   // float 2**23; + code in byte 0 = 2**23 + q
+constexpr float kExactF = 8388608.0f;
+constexpr uint32_t kOffsetBits = 0x3F000000u;  // float 0.5; + code in byte 2 = 0.5 + q/256
 
-__device__ __forceinline__ float magic_float(uint32_t x, uint32_t selector) {
-  // Byte `selector & 3` of x into byte 0 of 2**23 (bytes 1-2 zero, byte 3 0x4B).
-  return __uint_as_float(__byte_perm(x, kMagic, 0x7440u | selector));
+// Byte `b` of x into byte 0 of 2**23 (bytes 1-2 zero, byte 3 0x4B): 2**23 + byte.
+__device__ __forceinline__ float exact_float(uint32_t x, uint32_t b) {
+  return __uint_as_float(__byte_perm(x, kExactBits, 0x7440u | b));
+}
+// Byte `b` (< 128) of x into byte 2 of 0.5 (bytes 0-1 zero, byte 3 0x3F): 0.5 + byte/256.
+__device__ __forceinline__ float offset_float(uint32_t x, uint32_t b) {
+  return __uint_as_float(__byte_perm(x, kOffsetBits, 0x7054u | (b << 8)));
 }
 
 // Packed bytes of one chunk (4*BITS bytes) as 32-bit words.
@@ -53,28 +65,30 @@ __device__ __forceinline__ void load_chunk(const uint8_t* __restrict__ p, uint32
   }
 }
 
-// Codes 8s .. 8s+7 of a chunk as floats 2**23 + q.
-template <int BITS>
+// Codes 8s .. 8s+7 of a chunk as floats: 2**23 + q (OFFSET false) or 0.5 + q/256 (OFFSET true).
+template <int BITS, bool OFFSET>
 __device__ __forceinline__ void decode8(const uint32_t (&w)[8], int s, float (&q)[8]) {
+  static_assert(!(OFFSET && BITS == 8), "the offset encoding needs codes < 128");
+  auto from_byte = [](uint32_t x, uint32_t b) { return OFFSET ? offset_float(x, b) : exact_float(x, b); };
   if constexpr (BITS == 4) {
     const uint32_t x = w[s];
     const uint32_t lo = x & 0x0F0F0F0Fu;         // codes 0, 2, 4, 6 in bytes 0..3
     const uint32_t hi = (x >> 4) & 0x0F0F0F0Fu;  // codes 1, 3, 5, 7
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      q[2 * i] = magic_float(lo, i);
-      q[2 * i + 1] = magic_float(hi, i);
+      q[2 * i] = from_byte(lo, i);
+      q[2 * i + 1] = from_byte(hi, i);
     }
   } else if constexpr (BITS == 8) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) q[i] = magic_float(w[2 * s + i / 4], i % 4);
+    for (int i = 0; i < 8; ++i) q[i] = from_byte(w[2 * s + i / 4], i % 4);
   } else if constexpr (BITS == 2) {
     const uint32_t x = w[s >> 1] >> (16 * (s & 1));  // 8 codes in the low 16 bits
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint32_t t = (x >> (2 * j)) & 0x0303u;  // byte 0: code j, byte 1: code 4 + j
-      q[j] = magic_float(t, 0);
-      q[4 + j] = magic_float(t, 1);
+      q[j] = from_byte(t, 0);
+      q[4 + j] = from_byte(t, 1);
     }
   } else {  // 3 bits: sub-chunk s is bits [24s, 24s + 24) of the 96-bit chunk
     uint32_t v;
@@ -83,7 +97,15 @@ __device__ __forceinline__ void decode8(const uint32_t (&w)[8], int s, float (&q
     else if (s == 2) v = __funnelshift_r(w[1], w[2], 16);
     else v = w[2] >> 8;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) q[i] = __uint_as_float(((v >> (3 * i)) & 7u) | kMagic);
+    for (int i = 0; i < 8; ++i) {
+      if constexpr (OFFSET) {  // code i to bits 16..18
+        const int sh = 3 * i - 16;
+        const uint32_t t = sh >= 0 ? (v >> sh) : (v << -sh);
+        q[i] = __uint_as_float((t & 0x70000u) | kOffsetBits);
+      } else {
+        q[i] = __uint_as_float(((v >> (3 * i)) & 7u) | kExactBits);
+      }
+    }
   }
 }
 
@@ -112,6 +134,7 @@ __device__ __forceinline__ void load_a8(const T* __restrict__ a_row, int64_t k, 
 template <typename T, int BITS, int MT>
 __global__ void __launch_bounds__(kWarps * 32)
 gemv_fast_kernel(const Problem p, const int ksplit, const bool a_vec) {
+  constexpr bool kOffset = sizeof(T) == 2 && BITS != 8;
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int row_groups = kWarps / ksplit;  // row groups per CTA
@@ -122,8 +145,26 @@ gemv_fast_kernel(const Problem p, const int ksplit, const bool a_vec) {
   const T* __restrict__ A = static_cast<const T*>(p.A);
   const T* __restrict__ scales = static_cast<const T*>(p.scales);
   constexpr int kChunkBytes = 4 * BITS;
-  const int64_t n_chunks = (p.K + kChunk - 1) / kChunk;
+  const int n_chunks = static_cast<int>((p.K + kChunk - 1) / kChunk);
   const float default_zero = static_cast<float>(1 << (BITS - 1));
+
+  // Row bases (clamped to row 0 past N: loaded, never stored).
+  const uint8_t* row_ptr[kRowsPerWarp];
+  int64_t row_group_base[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t n = n_base + r < p.N ? n_base + r : 0;
+    row_ptr[r] = p.B + n * p.row_bytes;
+    row_group_base[r] = n * p.n_groups;
+  }
+
+  // Group of chunk c, tracked incrementally (no division in the loop):
+  // c = g * chunks_per_group + rem.
+  const int chunks_per_group = static_cast<int>(p.block_size / kChunk);
+  const int step = ksplit * 32;
+  const int step_g = step / chunks_per_group, step_rem = step % chunks_per_group;
+  int c = ks * 32 + lane;
+  int g = c / chunks_per_group, rem = c % chunks_per_group;
 
   float acc[MT][kRowsPerWarp];
 #pragma unroll
@@ -131,29 +172,24 @@ gemv_fast_kernel(const Problem p, const int ksplit, const bool a_vec) {
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) acc[m][r] = 0.0f;
 
-  for (int64_t c = static_cast<int64_t>(ks) * 32 + lane; c < n_chunks; c += static_cast<int64_t>(ksplit) * 32) {
-    const int64_t k0 = c * kChunk;
-    const int64_t g = k0 / p.block_size;
+  for (; c < n_chunks; c += step) {
+    const int64_t k0 = static_cast<int64_t>(c) * kChunk;
     uint32_t w[kRowsPerWarp][8];
-    float scale[kRowsPerWarp], zero_magic[kRowsPerWarp];
+    float scale[kRowsPerWarp], zero[kRowsPerWarp];
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t n = n_base + r;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) w[r][i] = 0;
-      scale[r] = 0.0f;
-      zero_magic[r] = kMagicF;
-      if (n < p.N) {
-        load_chunk<BITS>(p.B + n * p.row_bytes + c * kChunkBytes, w[r]);
-        scale[r] = to_float<T>(scales[n * p.n_groups + g]);
-        zero_magic[r] = kMagicF + (p.zp ? static_cast<float>(__ldg(p.zp + n * p.n_groups + g)) : default_zero);
-      }
+      load_chunk<BITS>(row_ptr[r] + static_cast<int64_t>(c) * kChunkBytes, w[r]);
+      scale[r] = to_float<T>(scales[row_group_base[r] + g]);
+      zero[r] = p.zp ? static_cast<float>(__ldg(p.zp + row_group_base[r] + g)) : default_zero;
     }
-    float part[MT][kRowsPerWarp];
+    float part[MT][kRowsPerWarp];  // sum_k a (q - zp) (exact) or sum_k a f (offset)
+    float a_sum[MT];                // sum_k a (offset encoding only)
 #pragma unroll
-    for (int m = 0; m < MT; ++m)
+    for (int m = 0; m < MT; ++m) {
+      a_sum[m] = 0.0f;
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) part[m][r] = 0.0f;
+    }
 #pragma unroll
     for (int s = 0; s < kChunk / 8; ++s) {
       float a[MT][8];
@@ -165,23 +201,38 @@ gemv_fast_kernel(const Problem p, const int ksplit, const bool a_vec) {
 #pragma unroll
           for (int i = 0; i < 8; ++i) a[m][i] = 0.0f;
         }
+        if constexpr (kOffset) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) a_sum[m] += a[m][i];
+        }
       }
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
         float q[8];
-        decode8<BITS>(w[r], s, q);
+        decode8<BITS, kOffset>(w[r], s, q);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-          const float d = q[i] - zero_magic[r];  // exact: q - zp
+          // exact: q - zp, computed exactly from 2**23 + q; offset: 0.5 + q/256 as is.
+          const float d = kOffset ? q[i] : q[i] - (kExactF + zero[r]);
 #pragma unroll
           for (int m = 0; m < MT; ++m) part[m][r] = fmaf(a[m][i], d, part[m][r]);
         }
       }
     }
 #pragma unroll
-    for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < kRowsPerWarp; ++r) {
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) acc[m][r] = fmaf(scale[r], part[m][r], acc[m][r]);
+      for (int m = 0; m < MT; ++m) {
+        const float dot = kOffset ? fmaf(256.0f, part[m][r], -(128.0f + zero[r]) * a_sum[m]) : part[m][r];
+        acc[m][r] = fmaf(scale[r], dot, acc[m][r]);
+      }
+    }
+    g += step_g;
+    rem += step_rem;
+    if (rem >= chunks_per_group) {
+      rem -= chunks_per_group;
+      ++g;
+    }
   }
 
   __shared__ float red[kWarps][MT][kRowsPerWarp];
@@ -200,11 +251,11 @@ gemv_fast_kernel(const Problem p, const int ksplit, const bool a_vec) {
   for (int idx = threadIdx.x; idx < row_groups * kRowsPerWarp * MT; idx += blockDim.x) {
     const int m = idx % MT;
     const int r = (idx / MT) % kRowsPerWarp;
-    const int g = idx / (MT * kRowsPerWarp);
-    const int64_t n = (static_cast<int64_t>(blockIdx.x) * row_groups + g) * kRowsPerWarp + r;
+    const int grp = idx / (MT * kRowsPerWarp);
+    const int64_t n = (static_cast<int64_t>(blockIdx.x) * row_groups + grp) * kRowsPerWarp + r;
     if (m >= M || n >= p.N) continue;
     float v = 0.0f;
-    for (int s = 0; s < ksplit; ++s) v += red[g * ksplit + s][m][r];
+    for (int s = 0; s < ksplit; ++s) v += red[grp * ksplit + s][m][r];
     if (bias) v += to_float<T>(bias[n]);
     Y[static_cast<int64_t>(m) * p.N + n] = from_float<T>(v);
   }
