@@ -311,6 +311,8 @@ def build(shape: LlamaShape, path: Path, *, seed: int = 0) -> Path:
         g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="synthetic_llama")
     model.ir_version = 8
+    # Types of intermediate tensors, as the dynamo exporter records them (weights are not read).
+    model = onnx.shape_inference.infer_shapes(model)
     with open(path, "wb") as out:
         out.write(model.SerializeToString())
     return path
