@@ -256,6 +256,7 @@ void kernel_destroy(void* kernel) { delete static_cast<GptqMatMulCudaKernel*>(ke
 
 // Y: A's shape with the last dimension replaced by attribute N, A's element type.
 OrtStatus* infer_output_shape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+  // The context owns a_info (onnxruntime keeps it in a unique_ptr): never release it.
   OrtTensorTypeAndShapeInfo* a_info = nullptr;
   ONNX_GPTQ_RETURN_IF_ERROR(g_api->ShapeInferContext_GetInputTypeShape(ctx, kA, &a_info));
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
@@ -266,11 +267,9 @@ OrtStatus* infer_output_shape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   std::vector<const char*> symbols(rank, nullptr);
   if (st == nullptr && rank > 0) st = g_api->GetDimensions(a_info, dims.data(), rank);
   if (st == nullptr && rank > 0) st = g_api->GetSymbolicDimensions(a_info, symbols.data(), rank);
-  // Copy the symbols before releasing the info that owns them.
+  if (st != nullptr) return st;
   std::vector<std::string> symbol_store(rank);
   for (size_t i = 0; i < rank; ++i) symbol_store[i] = symbols[i] ? symbols[i] : "";
-  g_api->ReleaseTensorTypeAndShapeInfo(a_info);
-  if (st != nullptr) return st;
   if (rank == 0) return fail(ORT_INVALID_GRAPH, "GptqMatMul: input 'A' must have rank >= 1, got a scalar");
 
   const OrtOpAttr* attr = nullptr;
