@@ -55,9 +55,13 @@ void OrtParallelRun(void* ctx, size_t n_tasks, void (*task)(void*, size_t), void
   }
 }
 
+// Cached: glibc answers hardware_concurrency() by reading /sys on every call.
 int HardwareThreads() {
-  const unsigned hw = std::thread::hardware_concurrency();
-  return hw == 0 ? 1 : int(hw);
+  static const int threads = [] {
+    const unsigned hw = std::thread::hardware_concurrency();
+    return hw == 0 ? 1 : int(hw);
+  }();
+  return threads;
 }
 
 OrtStatus* Error(const OrtApi* api, const std::string& msg) { return api->CreateStatus(ORT_INVALID_ARGUMENT, msg.c_str()); }

@@ -29,6 +29,12 @@
 //   of MP = 2W rows (so the dequantized rows are read as broadcast scalars and
 //   never need transposing).
 
+// Fully unroll loops over register-resident arrays (rows, columns, sub-vectors)
+// so those arrays stay in registers.
+#ifndef GPTQ_UNROLL
+#define GPTQ_UNROLL _Pragma("GCC unroll 16")
+#endif
+
 namespace onnx_gptq {
 namespace cpu {
 namespace GPTQ_ISA_NS {
@@ -181,9 +187,11 @@ inline void DecodeTile(const Call& c, int64_t r0, int64_t n0) {
   float corr[R][NB];
   const float* act[R];
   const float* asum[R];
+  GPTQ_UNROLL
   for (int r = 0; r < R; ++r) {
     act[r] = c.act + (r0 + r) * c.Kp;
     asum[r] = c.asum + (r0 + r) * c.n_blocks;
+    GPTQ_UNROLL
     for (int j = 0; j < NB; ++j) {
       tot[r][j] = V::Zero();
       corr[r][j] = 0.0f;
@@ -191,17 +199,25 @@ inline void DecodeTile(const Call& c, int64_t r0, int64_t n0) {
   }
   for (int64_t b = 0; b < c.n_blocks; ++b) {
     const uint8_t* blob[NB];
+    GPTQ_UNROLL
     for (int j = 0; j < NB; ++j) blob[j] = c.Blob(n0 + j, b);
     // Two accumulators per (row, column) so consecutive FMAs are independent.
     F acc[R][NB][2];
+    GPTQ_UNROLL
     for (int r = 0; r < R; ++r)
+      GPTQ_UNROLL
       for (int j = 0; j < NB; ++j) acc[r][j][0] = acc[r][j][1] = V::Zero();
     const int64_t kb = b * c.bs;
-    for (int64_t i = 0; i < c.nfull; ++i) {
+    // Chunks wholly past K (padding of the last block) meet zero activations.
+    const int64_t nfull = MinI(c.nfull, CeilDiv(c.K - kb, C));
+    for (int64_t i = 0; i < nfull; ++i) {
+      GPTQ_UNROLL
       for (int j = 0; j < NB; ++j) {
         F cv[S];
         V::template Unpack<BITS>(blob[j] + i * CB, cv);
+        GPTQ_UNROLL
         for (int s = 0; s < S; ++s) {
+          GPTQ_UNROLL
           for (int r = 0; r < R; ++r) {
             acc[r][j][s & 1] = V::Fma(cv[s], V::Load(act[r] + kb + i * C + s * V::W), acc[r][j][s & 1]);
           }
@@ -209,26 +225,34 @@ inline void DecodeTile(const Call& c, int64_t r0, int64_t n0) {
       }
     }
     float tail[R][NB];
+    GPTQ_UNROLL
     for (int r = 0; r < R; ++r)
+      GPTQ_UNROLL
       for (int j = 0; j < NB; ++j) tail[r][j] = 0.0f;
-    for (int64_t q = c.nfull * C; q < c.bs; ++q) {
+    for (int64_t q = c.nfull * C, q_end = MinI(c.bs, c.K - kb); q < q_end; ++q) {
+      GPTQ_UNROLL
       for (int j = 0; j < NB; ++j) {
         const float code = float(ExtractCode(blob[j], c.blob, BITS, q));
+        GPTQ_UNROLL
         for (int r = 0; r < R; ++r) tail[r][j] += code * act[r][kb + q];
       }
     }
+    GPTQ_UNROLL
     for (int j = 0; j < NB; ++j) {
       const int64_t idx = (n0 + j) * c.n_groups + b;
       const float s = c.Scale(idx);
       const float z = c.Zero(idx);
       const F sv = V::Set1(s);
+      GPTQ_UNROLL
       for (int r = 0; r < R; ++r) {
         tot[r][j] = V::Fma(sv, acc[r][j][0], V::Fma(sv, acc[r][j][1], tot[r][j]));
         corr[r][j] += s * (z * asum[r][b] - tail[r][j]);
       }
     }
   }
+  GPTQ_UNROLL
   for (int r = 0; r < R; ++r) {
+    GPTQ_UNROLL
     for (int j = 0; j < NB; ++j) {
       float y = V::Hsum(tot[r][j]) - corr[r][j];
       if (c.bias) y += c.bias[n0 + j];
@@ -334,16 +358,19 @@ inline void MicroKernel(const float* wd, int64_t ldw, const float* panel, int64_
   constexpr int NR = GemmShape<V>::NR;
   constexpr int MP = GemmShape<V>::MP;
   F a[NR][2];
+  GPTQ_UNROLL
   for (int i = 0; i < NR; ++i) a[i][0] = a[i][1] = V::Zero();
   for (int64_t k = 0; k < kc; ++k) {
     const F x0 = V::Load(panel + k * MP);
     const F x1 = V::Load(panel + k * MP + V::W);
+    GPTQ_UNROLL
     for (int i = 0; i < NR; ++i) {
       const F w = V::Set1(wd[i * ldw + k]);
       a[i][0] = V::Fma(w, x0, a[i][0]);
       a[i][1] = V::Fma(w, x1, a[i][1]);
     }
   }
+  GPTQ_UNROLL
   for (int i = 0; i < NR; ++i) {
     acc[i][0] = a[i][0];
     acc[i][1] = a[i][1];
@@ -549,7 +576,8 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
     if (!act.ptr || !asum.ptr) return Status::kOutOfMemory;
     c.act = act.as<float>();
     c.asum = asum.as<float>();
-    runner.run(runner.ctx, size_t(c.M), &PackDecodeTask<V>, &c);
+    // A few rows: cheaper here than a trip through the thread pool.
+    for (int64_t m = 0; m < c.M; ++m) PackDecodeTask<V>(&c, size_t(m));
     if (c.failed_alloc) return Status::kOutOfMemory;
     // Enough tasks to balance threads, each at least a few tiles wide.
     c.cols_per_task = MaxI(16, CeilDiv(CeilDiv(c.N, int64_t(threads) * 8), 4) * 4);

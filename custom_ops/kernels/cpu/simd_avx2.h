@@ -36,11 +36,11 @@ struct Avx2V {
   template <int BITS>
   static void Unpack(const uint8_t* src, F* out) {
     if constexpr (BITS == 3) {
-      // Masked load of exactly 6 dwords (never touches byte 24 and beyond),
-      // move dwords 3..5 to the upper 128-bit lane, then give each 3-byte
-      // group its own dword.
-      const __m256i mask = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
-      __m256i v = _mm256_maskload_epi32(reinterpret_cast<const int*>(src), mask);
+      // Exactly 24 bytes (16 + 8), dwords 3..5 to the upper 128-bit lane,
+      // then each 3-byte group to its own dword.
+      __m256i v = _mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))),
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 16)), 1);
       v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0));
       const __m256i shuf = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,  //
                                             0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
