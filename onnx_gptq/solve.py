@@ -337,11 +337,12 @@ def solve(W: np.ndarray, H: np.ndarray | None, config: QuantConfig, *,
     W_np = np.asarray(W)
     if W_np.ndim != 2 or W_np.size == 0:
         raise ModelError(f"{label}: weight must be a non-empty 2-D matrix, got shape {W_np.shape}")
+    W_np = W_np.astype(np.float32, copy=False)  # also from float16 / ml_dtypes.bfloat16
     n, k = W_np.shape
     if not np.isfinite(W_np).all():
         raise ModelError(f"{label}: weight contains NaN or Inf")
     if H is not None:
-        H_np = np.asarray(H)
+        H_np = np.asarray(H, dtype=np.float64)
         if H_np.shape != (k, k):
             raise CalibrationError(f"{label}: Hessian has shape {H_np.shape}, expected ({k}, {k})")
         if not np.isfinite(H_np).all():
