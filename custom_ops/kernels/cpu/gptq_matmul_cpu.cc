@@ -221,8 +221,8 @@ Status GptqMatMul(const GptqMatMulParams& p, const ParallelRunner* runner) {
       !MulFits(p.N, p.n_groups, &sz) || !MulFits(p.N, n_blocks * ((p.block_size * p.bits + 7) / 8), &sz)) {
     return Status::kInvalidArgument;
   }
-  if (!p.B || !p.scales || !p.Y || (p.M > 0 && !p.A)) return Status::kInvalidArgument;
-  if (p.M == 0) return Status::kOk;
+  if (p.M == 0) return Status::kOk;  // empty output: nothing to read or write
+  if (!p.A || !p.B || !p.scales || !p.Y) return Status::kInvalidArgument;
   const ParallelRunner& r = runner ? *runner : DefaultRunner();
 #if defined(ONNX_GPTQ_HAVE_X86_ISA)
   switch (CurrentIsa()) {
