@@ -110,14 +110,17 @@ def default_providers() -> tuple[str, ...]:
     return ("CPUExecutionProvider",)
 
 
-def check_providers(providers: Sequence[str]) -> tuple[str, ...]:
+Provider = str | tuple[str, dict[str, Any]]
+
+
+def check_providers(providers: Sequence[Provider]) -> tuple[Provider, ...]:
     """Refuse execution providers this onnxruntime build lacks (instead of a silent CPU fallback).
 
     Args:
-        providers: provider names in order of preference.
+        providers: provider names, or (name, options) pairs, in order of preference.
 
     Returns:
-        The same names as a tuple.
+        The same entries as a tuple.
 
     Raises:
         ConfigError: a provider is not available; the message lists those that are.
@@ -126,7 +129,8 @@ def check_providers(providers: Sequence[str]) -> tuple[str, ...]:
     if not providers:
         raise ConfigError("providers: at least one execution provider is needed")
     available = ort.get_available_providers()
-    for name in providers:
+    for entry in providers:
+        name = entry if isinstance(entry, str) else entry[0]
         if name not in available:
             raise ConfigError(f"providers: {name} is not available in this onnxruntime build "
                               f"(available: {', '.join(available)})")
@@ -135,7 +139,7 @@ def check_providers(providers: Sequence[str]) -> tuple[str, ...]:
 
 def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
                      batches: Iterable[dict[str, np.ndarray]], *, model_dir: str | os.PathLike[str] | None = None,
-                     providers: Sequence[str] = ("CPUExecutionProvider",),
+                     providers: Sequence[Provider] = ("CPUExecutionProvider",),
                      session_options: ort.SessionOptions | None = None, progress: bool = False,
                      max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES) -> dict[str, HessianStats]:
     """Run the calibration batches through onnxruntime and sum X^T X of each activation.
@@ -154,7 +158,8 @@ def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
             once per pass; a one-shot iterator is materialised when several
             passes are needed.
         model_dir: directory the external data locations are relative to.
-        providers: onnxruntime execution providers, in order of preference.
+        providers: onnxruntime execution providers, in order of preference (names,
+            or (name, options) pairs; a bare "CUDAExecutionProvider" runs with TF32 off).
         session_options: used when passed (the external-data folder option is
             set on it, and the custom-op library registered once if the graph
             needs it); by default extended graph optimisations, which keep the
@@ -530,6 +535,17 @@ def _has_custom_nodes(model: onnx.ModelProto) -> bool:
     return walk(model.graph.node) or any(walk(f.node) for f in model.functions)
 
 
+def _session_providers(providers: Sequence[Provider]) -> list[Provider]:
+    """Providers for the calibration session: CUDA named bare gets full-float32 GEMMs.
+
+    onnxruntime's CUDA provider runs float32 MatMuls in TF32 (10-bit mantissa) by
+    default; the X^T X sums are worth their full precision, as in the reference,
+    whose torch matmuls do not use TF32 by default.
+    """
+    return [("CUDAExecutionProvider", {"use_tf32": "0"}) if entry == "CUDAExecutionProvider" else entry
+            for entry in providers]
+
+
 def _config_entry(options: ort.SessionOptions, key: str) -> str | None:
     try:
         return str(options.get_session_config_entry(key))
@@ -537,7 +553,7 @@ def _config_entry(options: ort.SessionOptions, key: str) -> str | None:
         return None
 
 
-def _make_session(model: onnx.ModelProto, taps: list[_Tap], folder: Path | None, providers: tuple[str, ...],
+def _make_session(model: onnx.ModelProto, taps: list[_Tap], folder: Path | None, providers: tuple[Provider, ...],
                   session_options: ort.SessionOptions | None) -> tuple[ort.InferenceSession, list[Any]]:
     """An InferenceSession over the augmented copy, and buffers it needs kept alive."""
     aug, in_memory = _augmented(model, taps)
@@ -577,10 +593,16 @@ def _make_session(model: onnx.ModelProto, taps: list[_Tap], folder: Path | None,
     blob = aug.SerializeToString()
     del aug
     try:
-        session = ort.InferenceSession(blob, options, providers=list(providers))
+        session = ort.InferenceSession(blob, options, providers=_session_providers(providers))
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own unrelated types
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"calibration: onnxruntime cannot load the augmented model: {message}") from exc
+    active = session.get_providers()
+    for entry in providers:
+        name = entry if isinstance(entry, str) else entry[0]
+        if name not in active:  # e.g. CUDA libraries missing: onnxruntime falls back quietly
+            raise ConfigError(f"providers: {name} could not be initialised by onnxruntime "
+                              f"(the session runs on {', '.join(active)})")
     return session, keepalive
 
 

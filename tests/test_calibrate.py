@@ -286,10 +286,18 @@ def test_custom_domain_nodes_are_detected_in_subgraphs_and_functions() -> None:
     assert calibrate._has_custom_nodes(with_function)
 
 
-def test_default_providers_are_available() -> None:
+def test_providers_are_checked_and_cuda_gets_full_float32() -> None:
     providers = calibrate.default_providers()
     assert providers[-1] == "CPUExecutionProvider"
     assert calibrate.check_providers(providers) == providers
+    with_options = (("CPUExecutionProvider", {"intra_op_num_threads": "1"}),)
+    assert calibrate.check_providers(with_options) == with_options
+    with pytest.raises(ConfigError, match="providers: MadeUpExecutionProvider is not available"):
+        calibrate.check_providers([("MadeUpExecutionProvider", {})])
+    assert calibrate._session_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        ("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    custom = ("CUDAExecutionProvider", {"device_id": "1"})
+    assert calibrate._session_providers([custom]) == [custom]
 
 
 def test_tiny_llama_export_end_to_end(tiny_llama_onnx: Path, calib_ids: Path) -> None:
