@@ -610,8 +610,15 @@ def _make_session(model: onnx.ModelProto, taps: list[_Tap], folder: Path | None,
 # Running
 
 
-def _ort_feeds(feeds: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Feeds onnxruntime's numpy bridge accepts: bfloat16 arrays (ml_dtypes) become OrtValues."""
+def ort_feeds(feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Feeds onnxruntime's numpy bridge accepts: bfloat16 arrays (ml_dtypes) become OrtValues.
+
+    Args:
+        feeds: input name -> array (any dtype; bfloat16 as ``ml_dtypes.bfloat16``).
+
+    Returns:
+        input name -> numpy array or ``ort.OrtValue``, ready for ``session.run``.
+    """
     out: dict[str, Any] = {}
     for name, value in feeds.items():
         array = np.asarray(value)
@@ -622,6 +629,9 @@ def _ort_feeds(feeds: dict[str, np.ndarray]) -> dict[str, Any]:
         else:
             out[name] = array
     return out
+
+
+_ort_feeds = ort_feeds  # the name sequential.py first used
 
 
 def _run_pass(session: ort.InferenceSession, taps: list[_Tap], batches: Iterable[dict[str, np.ndarray]],
@@ -647,7 +657,7 @@ def _run_pass(session: ort.InferenceSession, taps: list[_Tap], batches: Iterable
         if missing:
             raise CalibrationError(f"calibration batch {index}: model input '{missing[0]}' is not fed")
         try:
-            results = session.run(output_names, _ort_feeds(feeds))
+            results = session.run(output_names, ort_feeds(feeds))
         except Exception as exc:  # noqa: BLE001 - onnxruntime's error types are not exported stably
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise CalibrationError(f"calibration batch {index}: onnxruntime failed: {message}") from exc
@@ -661,5 +671,5 @@ def _run_pass(session: ort.InferenceSession, taps: list[_Tap], batches: Iterable
     logger.debug("%s: %d batches", label, seen)
 
 
-__all__ = ["HessianStats", "collect_hessians", "check_providers", "default_providers",
+__all__ = ["HessianStats", "collect_hessians", "check_providers", "default_providers", "ort_feeds",
            "DEFAULT_MAX_OUTPUT_BYTES"]
