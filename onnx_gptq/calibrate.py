@@ -216,6 +216,8 @@ def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
 
 
 def _plan_taps(model: onnx.ModelProto, names: list[str]) -> list[_Tap]:
+    """One _Tap per activation: its K (declared shape, else the weight it multiplies,
+    else shape inference), unique output names, and its producer's position."""
     graph = model.graph
     producers: dict[str, int] = {}
     for i, node in enumerate(graph.node):
@@ -254,6 +256,7 @@ def _dims_of(value: onnx.ValueInfoProto) -> list[int | None] | None:
 
 
 def _static_last_dims(model: onnx.ModelProto) -> dict[str, int]:
+    """Tensor name -> static last dim, from declared inputs, value_info, outputs, initializers."""
     graph = model.graph
     out: dict[str, int] = {}
     for value in list(graph.input) + list(graph.value_info) + list(graph.output):
@@ -293,8 +296,7 @@ def _k_from_consumers(model: onnx.ModelProto) -> dict[str, int]:
 
 def _inferred_last_dims(model: onnx.ModelProto) -> dict[str, int]:
     """Shape inference on a weightless copy (big tensors become dims-only external refs)."""
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(_without_initializers(model))
+    skeleton = _without_initializers(model)
     for tensor in model.graph.initializer:
         slim = skeleton.graph.initializer.add()
         if _embedded_bytes(tensor) > 1024:
@@ -636,6 +638,7 @@ _ort_feeds = ort_feeds  # the name sequential.py first used
 
 def _run_pass(session: ort.InferenceSession, taps: list[_Tap], batches: Iterable[dict[str, np.ndarray]],
               sums: dict[str, np.ndarray], rows: dict[str, int], *, progress: bool, label: str) -> None:
+    """Run every batch once, adding each tap's float32 X^T X into its float64 sum (in place)."""
     inputs = {i.name for i in session.get_inputs()}
     output_names = [n for t in taps for n in (t.xtx_output, t.size_output)]
     for tap in taps:
