@@ -34,9 +34,9 @@ from onnx_gptq.errors import CalibrationError, ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
-# Host memory allowed for one run's X^T X outputs (float32 K x K each). Above
-# it the activations are split over several passes over the calibration data.
-DEFAULT_MAX_OUTPUT_BYTES = 4 << 30
+# Share of the available memory one run's X^T X outputs (float32 K x K each)
+# may take by default; above it the activations are split over several passes.
+OUTPUT_MEMORY_SHARE = 0.25
 
 # A serialised ModelProto must stay below protobuf's 2 GiB; above this many
 # bytes of embedded tensor data, tensors are handed to onnxruntime separately.
@@ -113,6 +113,13 @@ def default_providers() -> tuple[str, ...]:
 Provider = str | tuple[str, dict[str, Any]]
 
 
+def default_output_budget() -> int:
+    """Bytes of X^T X outputs one run may produce: a quarter of the memory available now."""
+    import psutil
+
+    return int(psutil.virtual_memory().available * OUTPUT_MEMORY_SHARE)
+
+
 def check_providers(providers: Sequence[Provider]) -> tuple[Provider, ...]:
     """Refuse execution providers this onnxruntime build lacks (instead of a silent CPU fallback).
 
@@ -141,7 +148,7 @@ def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
                      batches: Iterable[dict[str, np.ndarray]], *, model_dir: str | os.PathLike[str] | None = None,
                      providers: Sequence[Provider] = ("CPUExecutionProvider",),
                      session_options: ort.SessionOptions | None = None, progress: bool = False,
-                     max_output_bytes: int | None = DEFAULT_MAX_OUTPUT_BYTES) -> dict[str, HessianStats]:
+                     max_output_bytes: int | None = None) -> dict[str, HessianStats]:
     """Run the calibration batches through onnxruntime and sum X^T X of each activation.
 
     The caller's `model` is not modified. For each activation ``x`` (any
@@ -167,7 +174,9 @@ def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
         progress: show a tqdm progress bar per pass.
         max_output_bytes: budget for one run's float32 K x K outputs; when the
             activations need more, they are split into several passes over the
-            data (each pass one session). None means a single pass.
+            data (each pass one session, pruned to the graph its activations
+            need). None: a quarter of the memory available (`default_output_budget`).
+            The float64 sums returned take twice the outputs' total on top.
 
     Returns:
         activation name -> HessianStats (float64 sums), for every requested name.
@@ -184,11 +193,13 @@ def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
     if not names:
         return {}
     taps = _plan_taps(model, names)
+    if max_output_bytes is None:
+        max_output_bytes = default_output_budget()
     passes = _split_passes(taps, max_output_bytes)
     if len(passes) > 1:
         logger.info("calibration: %d activations need %.2f GB of outputs per run, over the %.2f GB budget; "
                     "running %d passes over the data", len(taps),
-                    sum(t.output_bytes for t in taps) / 1e9, (max_output_bytes or 0) / 1e9, len(passes))
+                    sum(t.output_bytes for t in taps) / 1e9, max_output_bytes / 1e9, len(passes))
         if not isinstance(batches, (list, tuple)):
             batches = list(batches)
     folder = _external_folder(model, model_dir)
@@ -314,11 +325,9 @@ def _inferred_last_dims(model: onnx.ModelProto) -> dict[str, int]:
     return _static_last_dims(inferred)
 
 
-def _split_passes(taps: list[_Tap], budget: int | None) -> list[list[_Tap]]:
+def _split_passes(taps: list[_Tap], budget: int) -> list[list[_Tap]]:
     """Group activations, in graph order, so each group's outputs fit the budget."""
     ordered = sorted(taps, key=lambda t: t.order)
-    if budget is None:
-        return [ordered]
     passes: list[list[_Tap]] = []
     current: list[_Tap] = []
     used = 0
@@ -675,4 +684,4 @@ def _run_pass(session: ort.InferenceSession, taps: list[_Tap], batches: Iterable
 
 
 __all__ = ["HessianStats", "collect_hessians", "check_providers", "default_providers", "ort_feeds",
-           "DEFAULT_MAX_OUTPUT_BYTES"]
+           "default_output_budget"]

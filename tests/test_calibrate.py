@@ -143,7 +143,7 @@ def test_several_passes_give_the_same_result(caplog: pytest.LogCaptureFixture) -
     with caplog.at_level(logging.INFO, logger="onnx_gptq.calibrate"):
         split = collect_hessians(model, ["x", "r"], feeds, max_output_bytes=budget)
     assert "2 passes" in caplog.text
-    single = collect_hessians(model, ["x", "r"], _batches(3), max_output_bytes=None)
+    single = collect_hessians(model, ["x", "r"], _batches(3), max_output_bytes=1 << 40)
     for name in ("x", "r"):
         assert split[name].rows == single[name].rows
         np.testing.assert_allclose(split[name].xtx, single[name].xtx, rtol=1e-6, atol=0)
@@ -154,7 +154,8 @@ def test_pass_planning_orders_by_graph_and_respects_budget() -> None:
             for i, (k, order) in enumerate([(4, 3), (8, 1), (4, 2), (16, 0)])]
     passes = calibrate._split_passes(taps, 8 * 8 * 4 + 4 * 4 * 4)
     assert [[t.name for t in p] for p in passes] == [["t3"], ["t1", "t2"], ["t0"]]
-    assert [[t.name for t in p] for p in calibrate._split_passes(taps, None)] == [["t3", "t1", "t2", "t0"]]
+    assert [[t.name for t in p] for p in calibrate._split_passes(taps, 1 << 40)] == [["t3", "t1", "t2", "t0"]]
+    assert 0 < calibrate.default_output_budget()
 
 
 def test_unneeded_nodes_are_not_run() -> None:
