@@ -109,6 +109,8 @@ def open_session(model: str | os.PathLike[str], *, providers: Sequence[str] = ("
         needs_library = custom_ops and _has_custom_nodes(path)
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and others
         raise ModelError(f"model: {path} is not a readable ONNX file: {exc}") from exc
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
     try:
         if needs_library:
             try:
@@ -116,9 +118,7 @@ def open_session(model: str | os.PathLike[str], *, providers: Sequence[str] = ("
             except ImportError as exc:
                 raise ModelError(f"model: {path} holds {CUSTOM_DOMAIN} custom-op nodes but the "
                                  f"custom-op library is not available ({exc})") from exc
-            return make_session(str(path), providers=list(providers))
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+            return make_session(str(path), providers=list(providers), sess_options=options)
         return ort.InferenceSession(str(path), options, providers=list(providers))
     except UserError:
         raise

@@ -141,3 +141,34 @@ def test_cli(second_llama: Path, char_tokenizer: Path, tmp_path: Path,
     out = capsys.readouterr().out
     assert f"perplexity {saved['perplexity']:.4f} over 30 tokens" in out
     assert "top-1 agreement 100.00%" in out
+
+
+def test_custom_op_models_get_the_library(second_llama: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from onnx_gptq import custom_ops
+
+    graph = helper.make_graph(
+        [helper.make_node("GptqMatMul", ["A", "B", "scales"], ["Y"], domain="onnx_gptq")], "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", 8])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", 4])])
+    custom = tmp_path / "custom.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("onnx_gptq", 1)]),
+              str(custom))
+    calls: list[tuple[str, list[str]]] = []
+
+    def fake_make_session(model: str, providers: list[str], sess_options: object) -> object:
+        calls.append((model, providers))
+        return ort.InferenceSession(str(second_llama), providers=providers)
+
+    monkeypatch.setattr(custom_ops, "make_session", fake_make_session)
+    ev.open_session(custom)
+    assert calls == [(str(custom), ["CPUExecutionProvider"])]
+    ev.open_session(second_llama)  # a float model: a plain session
+    assert len(calls) == 1
+    with pytest.raises(ModelError, match="onnxruntime cannot load .*custom.onnx"):
+        ev.open_session(custom, custom_ops=False)
