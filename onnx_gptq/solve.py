@@ -107,6 +107,33 @@ def _trace_quadratic(W: torch.Tensor, Qs: list[torch.Tensor], H: torch.Tensor | 
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _FactorTraces:
+    """tr(A H A^T) for the undamped H from the damped factor, at half a product's cost.
+
+    With J Hd J = L L^T (Hd = H + lam*I with dead inputs set to 1, in solve order
+    `perm`), tr(A Hd A^T) = ||A[:, perm] J L||^2, and L is triangular, so column
+    block j of the product only needs the rows of L from j on.
+    """
+
+    L: torch.Tensor  # float32 [K, K] lower
+    order: torch.Tensor  # int64 [K]: perm reversed
+    lam: float  # damp * mean(diag H)
+    dead: torch.Tensor  # bool [K], original order
+
+    def trace(self, A: torch.Tensor, block: int = 512) -> float:
+        """tr(A H A^T) for float32 A [N, K] in the original column order."""
+        k = A.shape[1]
+        Ap = A[:, self.order]  # [N, K]
+        total = 0.0
+        for j in range(0, k, block):
+            total += float((Ap[:, j:] @ self.L[j:, j:j + block]).pow(2).sum(dtype=torch.float64))
+        total -= self.lam * float(A.pow(2).sum(dtype=torch.float64))
+        if bool(self.dead.any()):
+            total -= float(A[:, self.dead].pow(2).sum(dtype=torch.float64))
+        return total
+
+
 def relative_error(W: np.ndarray, Q: np.ndarray, H: np.ndarray | None) -> float:
     """tr((W-Q) H (W-Q)^T) / tr(W H W^T) in float64 (weight-space when H is None).
 
@@ -181,7 +208,8 @@ def _rtn(W: torch.Tensor, g: _Grid, weight: torch.Tensor | None,
     return _to_qweight(codes, scale, zero, g, scale_dtype)
 
 
-def _factor(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float] | None:
+def _factor(H: torch.Tensor, damp: float,
+            name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1, raising damp on failure.
 
     With J the order-reversing permutation and J H J = L L^T, the upper factor
@@ -193,7 +221,8 @@ def _factor(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, floa
         damp: initial damping fraction.
         name: layer name for the warning.
     Returns:
-        (U float64 [K, K] with Hinv = U^T U, damp used), or None if even damp=1 fails.
+        (U float64 [K, K] with Hinv = U^T U, L float64 [K, K] with J Hd J = L L^T,
+        damp used), or None if even damp=1 fails.
     """
     k = H.shape[0]
     mean_diag = float(H.diagonal().mean())
@@ -216,7 +245,7 @@ def _factor(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, floa
         if d != damp:
             logger.warning("%s: Hessian is not positive definite with damp=%g; "
                            "raised damp to %g", name or "weight", damp, d)
-        return U, d
+        return U, L, d
     return None
 
 
@@ -356,18 +385,21 @@ def solve(W: np.ndarray, H: np.ndarray | None, config: QuantConfig, *,
     mse_weight = None if diagH is None else diagH.to(torch.float32)
 
     rtn_qw = _rtn(W0, g, mse_weight, scale_dtype)
-    qw, damp, gptq_trace = rtn_qw, 0.0, None
+    qw, damp, gptq_trace, traces = rtn_qw, 0.0, None, None
     if config.algo is Algo.GPTQ and H0 is not None:
         solved = _solve_gptq(W0, H0, g, config, scale_dtype, label)
         if solved is not None:
-            qw, damp, gptq_trace = solved
+            qw, damp, gptq_trace, traces = solved
     elif config.algo is Algo.GPTQ:
         logger.warning("%s: no Hessian given; using round-to-nearest", label)
 
     Qr = _dequantize_torch(rtn_qw, dev)
-    if qw is rtn_qw or gptq_trace is not None:
-        den, rtn_num = _trace_quadratic(W0, [Qr], H0)
-        num = rtn_num if qw is rtn_qw else gptq_trace
+    if traces is not None:  # large GPTQ problem: no full [N,K]x[K,K] products
+        den, rtn_num = traces.trace(W0), traces.trace(W0 - Qr)
+        num = gptq_trace if gptq_trace is not None else traces.trace(W0 - _dequantize_torch(qw, dev))
+    elif qw is rtn_qw:
+        den, num = _trace_quadratic(W0, [Qr], H0)
+        rtn_num = num
     else:
         den, num, rtn_num = _trace_quadratic(W0, [_dequantize_torch(qw, dev), Qr], H0)
     rel = lambda x: (0.0 if x == 0.0 else float("inf")) if den == 0.0 else x / den  # noqa: E731
@@ -379,11 +411,13 @@ def solve(W: np.ndarray, H: np.ndarray | None, config: QuantConfig, *,
 
 
 def _solve_gptq(W0: torch.Tensor, H0: torch.Tensor, g: _Grid, config: QuantConfig,
-                scale_dtype: np.dtype, label: str) -> tuple[QuantizedWeight, float, float | None] | None:
+                scale_dtype: np.dtype, label: str
+                ) -> tuple[QuantizedWeight, float, float | None, _FactorTraces | None] | None:
     """GPTQ proper; None (after a warning) when H is unusable and RTN must do.
 
     Returns:
-        (qweight, damp used, tr(dW H dW^T) or None when it must be computed exactly).
+        (qweight, damp used, tr(dW H dW^T) or None, trace helper or None); both last
+        are None for small problems, whose traces are computed exactly in float64.
     """
     n, k = W0.shape
     H = H0.clone()  # [K, K] float64
@@ -418,7 +452,7 @@ def _solve_gptq(W0: torch.Tensor, H0: torch.Tensor, g: _Grid, config: QuantConfi
         logger.warning("%s: Hessian is not positive definite even with damp=%g; "
                        "using round-to-nearest", label, _MAX_DAMP)
         return None
-    U, damp = factored
+    U, L, damp = factored
     Hinv = U.to(torch.float32)  # [K, K] upper Cholesky of H^-1, solve order
 
     if perm is not None and static is not None:
@@ -438,14 +472,14 @@ def _solve_gptq(W0: torch.Tensor, H0: torch.Tensor, g: _Grid, config: QuantConfi
             g_idx = g_idx_t.cpu().numpy().astype(np.int32)
     qw = _to_qweight(codes, scale, zero, g, scale_dtype, g_idx=g_idx)
 
-    # tr(dW H dW^T) for the undamped H without another [N,K]x[K,K] product: ||Err||^2
-    # is the trace for the damped H (dead columns stay 0 in W and Q and add nothing),
-    # so subtract damp*mean(diag)*||dW||^2. Small problems, or ones where the
-    # subtraction would cancel badly, get the exact product instead (None).
-    trace = None
-    if n * k * k > _FLOAT64_TRACE_LIMIT:
-        dW_sq = float((W_dead0 - _dequantize_torch(qw, W0.device)).double().pow(2).sum())
-        correction = damp * mean_diag * dW_sq
-        if correction < 0.5 * err_sq:
-            trace = err_sq - correction
-    return qw, damp, trace
+    if n * k * k <= _FLOAT64_TRACE_LIMIT:
+        return qw, damp, None, None
+    # tr(dW H dW^T) for the undamped H needs no product at all: ||Err||^2 is the
+    # trace for the damped H (dead columns stay 0 in W and Q and add nothing), so
+    # subtract damp*mean(diag)*||dW||^2, unless that would cancel badly.
+    lam = damp * mean_diag
+    dW_sq = float((W_dead0 - _dequantize_torch(qw, W0.device)).double().pow(2).sum())
+    trace = err_sq - lam * dW_sq if lam * dW_sq < 0.5 * err_sq else None
+    order = torch.arange(k, device=W0.device) if perm is None else perm
+    helper = _FactorTraces(L=L.to(torch.float32), order=order.flip(0), lam=lam, dead=dead)
+    return qw, damp, trace, helper

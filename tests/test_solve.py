@@ -221,7 +221,7 @@ def test_solver_feedback_uses_exactly_the_dequantized_q() -> None:
     """The Q inside the column loop is bit for bit QuantizedWeight.dequantize()."""
     W, H = correlated_problem(16, 64, seed=2)
     g = solve_mod._Grid(bits=3, group_size=16, sym=False, mse=False, scale_dtype=torch.float16)
-    U, _ = solve_mod._factor(torch.tensor(H), 0.01, "w")
+    U, _, _ = solve_mod._factor(torch.tensor(H), 0.01, "w")
     col_group = (torch.arange(64) // 16).tolist()
     codes, scale, zero, _ = solve_mod._gptq(torch.tensor(W), U.float(), g, blocksize=24,
                                             col_group=col_group, static=None, weight=None)
@@ -230,10 +230,13 @@ def test_solver_feedback_uses_exactly_the_dequantized_q() -> None:
     assert np.array_equal(inner, qw.dequantize())
 
 
-def test_error_without_extra_product_matches_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The ||Err||^2 - damping identity used for large weights gives the exact trace."""
+@pytest.mark.parametrize("act_order,damp", [(False, 0.01), (True, 0.01), (False, 0.9)])
+def test_error_without_extra_product_matches_exact(monkeypatch: pytest.MonkeyPatch,
+                                                   act_order: bool, damp: float) -> None:
+    """Large weights: the ||Err||^2 identity and the triangular-factor traces are exact."""
     W, H = correlated_problem(64, 160, seed=4)
-    cfg = QuantConfig(bits=3, group_size=32, act_order=True)
+    H[7, :] = H[:, 7] = 0  # a dead input
+    cfg = QuantConfig(bits=3, group_size=32, act_order=act_order, damp=damp)
     exact = solve(W, H, cfg, device="cpu")
     monkeypatch.setattr(solve_mod, "_FLOAT64_TRACE_LIMIT", 0)
     fast = solve(W, H, cfg, device="cpu")
