@@ -30,7 +30,9 @@ namespace onnx_gptq_cuda {
 namespace {
 
 constexpr int kWarps = 8;         // warps per CTA
-constexpr int kRowsPerWarp = 4;   // output rows sharing each A load
+// Output rows per warp, sharing each A load: 4 for M <= 2; 2 for larger M,
+// whose A registers (MT x 8 per lane) would otherwise cut occupancy.
+__host__ __device__ constexpr int rows_per_warp(int mt) { return mt <= 2 ? 4 : 2; }
 constexpr int kChunk = 32;        // codes per chunk
 constexpr uint32_t kExactBits = 0x4B000000u;   // float 2**23; + code in byte 0 = 2**23 + q
 constexpr float kExactF = 8388608.0f;
@@ -134,6 +136,7 @@ __device__ __forceinline__ void load_a8(const T* __restrict__ a_row, int64_t k, 
 template <typename T, int BITS, int MT>
 __global__ void __launch_bounds__(kWarps * 32)
 gemv_fast_kernel(const Problem p, const int ksplit, const bool a_vec) {
+  constexpr int kRowsPerWarp = rows_per_warp(MT);
   constexpr bool kOffset = sizeof(T) == 2 && BITS != 8;
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -291,31 +294,33 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_generic_kernel(const Problem
   }
 }
 
+// Enough warps to keep every SM streaming (~16 per SM), but at least one
+// chunk per lane per warp.
+int choose_ksplit(const Problem& p, int rows) {
+  const int64_t row_warps = (p.N + rows - 1) / rows;
+  const int64_t target = 16LL * sm_count();
+  const int64_t n_chunks = (p.K + kChunk - 1) / kChunk;
+  int ksplit = 1;
+  while (ksplit < kWarps && row_warps * ksplit < target && n_chunks >= 2LL * 32 * ksplit) ksplit *= 2;
+  return ksplit;
+}
+
 template <typename T, int BITS, int MT>
-cudaError_t launch_fast(const Problem& p, int ksplit, bool a_vec) {
-  const int rows_per_cta = kRowsPerWarp * (kWarps / ksplit);
+cudaError_t launch_fast(const Problem& p, bool a_vec) {
+  constexpr int kRows = rows_per_warp(MT);
+  const int ksplit = choose_ksplit(p, kRows);
+  const int rows_per_cta = kRows * (kWarps / ksplit);
   const int64_t ctas = (p.N + rows_per_cta - 1) / rows_per_cta;
   gemv_fast_kernel<T, BITS, MT><<<static_cast<unsigned>(ctas), kWarps * 32, 0, p.stream>>>(p, ksplit, a_vec);
   return cudaGetLastError();
 }
 
 template <typename T, int BITS>
-cudaError_t launch_fast_bits(const Problem& p, int ksplit, bool a_vec) {
-  if (p.M <= 1) return launch_fast<T, BITS, 1>(p, ksplit, a_vec);
-  if (p.M <= 2) return launch_fast<T, BITS, 2>(p, ksplit, a_vec);
-  if (p.M <= 4) return launch_fast<T, BITS, 4>(p, ksplit, a_vec);
-  return launch_fast<T, BITS, 8>(p, ksplit, a_vec);
-}
-
-// Enough warps to keep every SM streaming (~16 per SM), but at least one
-// chunk per lane per warp.
-int choose_ksplit(const Problem& p) {
-  const int64_t row_warps = (p.N + kRowsPerWarp - 1) / kRowsPerWarp;
-  const int64_t target = 16LL * sm_count();
-  const int64_t n_chunks = (p.K + kChunk - 1) / kChunk;
-  int ksplit = 1;
-  while (ksplit < kWarps && row_warps * ksplit < target && n_chunks >= 2LL * 32 * ksplit) ksplit *= 2;
-  return ksplit;
+cudaError_t launch_fast_bits(const Problem& p, bool a_vec) {
+  if (p.M <= 1) return launch_fast<T, BITS, 1>(p, a_vec);
+  if (p.M <= 2) return launch_fast<T, BITS, 2>(p, a_vec);
+  if (p.M <= 4) return launch_fast<T, BITS, 4>(p, a_vec);
+  return launch_fast<T, BITS, 8>(p, a_vec);
 }
 
 }  // namespace
@@ -328,12 +333,11 @@ cudaError_t launch_gemv(const Problem& p) {
     // Vector loads of A need 16-byte aligned rows.
     const bool a_vec = (reinterpret_cast<uintptr_t>(p.A) % 16) == 0 &&
                        (p.K * static_cast<int64_t>(sizeof(T))) % 16 == 0;
-    const int ksplit = choose_ksplit(p);
     switch (p.bits) {
-      case 2: return launch_fast_bits<T, 2>(p, ksplit, a_vec);
-      case 3: return launch_fast_bits<T, 3>(p, ksplit, a_vec);
-      case 4: return launch_fast_bits<T, 4>(p, ksplit, a_vec);
-      case 8: return launch_fast_bits<T, 8>(p, ksplit, a_vec);
+      case 2: return launch_fast_bits<T, 2>(p, a_vec);
+      case 3: return launch_fast_bits<T, 3>(p, a_vec);
+      case 4: return launch_fast_bits<T, 4>(p, a_vec);
+      case 8: return launch_fast_bits<T, 8>(p, a_vec);
       default: return cudaErrorInvalidValue;
     }
   }
