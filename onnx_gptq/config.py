@@ -149,7 +149,8 @@ class CalibConfig:
         num_samples: sequences drawn from the calibration data.
         seq_len: tokens per sequence (clipped to what the model accepts).
         batch_size: sequences per onnxruntime run.
-        providers: onnxruntime execution providers, in order of preference.
+        providers: onnxruntime execution providers, in order of preference;
+            empty means CUDA when this onnxruntime has it, else CPU.
         seed: seed for drawing windows out of long text.
         sequential: collect each block's Hessians with all earlier blocks
             already quantized (the reference GPTQ's true-sequential mode).
@@ -161,7 +162,7 @@ class CalibConfig:
     num_samples: int = 128
     seq_len: int = 512
     batch_size: int = 4
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    providers: tuple[str, ...] = ()
     seed: int = 0
     sequential: bool = False
     memory_budget: int | None = None
@@ -171,7 +172,5 @@ class CalibConfig:
         for name in ("num_samples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
-        if not self.providers:
-            raise ConfigError("providers: at least one execution provider is needed")
         if self.memory_budget is not None and self.memory_budget < 1:
             raise ConfigError(f"memory_budget: {self.memory_budget} must be positive (bytes)")

@@ -221,6 +221,8 @@ def _calibrate_and_solve(model: ir.Model, groups: list[targets.WeightGroup], cal
                          solver: _Solver, phase: _Phases, progress: bool) -> None:
     from onnx_gptq import calib_data, calibrate
 
+    providers = calib.providers or calibrate.default_providers()
+    budget = calib.memory_budget or default_memory_budget()
     with phase("calibrate"):
         proto = model_io.to_proto(model)  # the float model: one-pass Hessians all come from it
         batches = calib_data.make_batches(calibration, proto, calib, tokenizer=tokenizer)
@@ -229,16 +231,18 @@ def _calibrate_and_solve(model: ir.Model, groups: list[targets.WeightGroup], cal
 
         with phase("sequential"):
             run_sequential(model, groups, batches, solve_stage=solver, model_dir=model_dir,
-                           providers=calib.providers, progress=progress)
+                           providers=providers, progress=progress)
         return
-    passes = plan_passes(groups, calib.memory_budget or default_memory_budget())
+    passes = plan_passes(groups, budget)
     if len(passes) > 1:
         logger.info("Hessians exceed the memory budget: calibrating in %d passes", len(passes))
     for chunk in passes:
         activations = sorted({t.activation.name for g in chunk for t in g.targets})
         with phase("calibrate"):
+            # Each planned pass fits the budget, so onnxruntime runs it in one go.
             stats = calibrate.collect_hessians(proto, activations, batches, model_dir=model_dir,
-                                               providers=calib.providers, progress=progress)
+                                               providers=providers, max_output_bytes=budget,
+                                               progress=progress)
         solver(chunk, stats)
         del stats
 
@@ -309,8 +313,9 @@ def quantize(model: ModelLike, calibration: Any = None, config: QuantConfig | No
 def _resolve_calibration(calibration: Any, model_path: Path, calib: CalibConfig) -> Any:
     """`"self"` means: sample calibration sequences from the float model itself."""
     if isinstance(calibration, str) and calibration == "self":
+        from onnx_gptq.calibrate import default_providers
         from onnx_gptq.self_calib import generate_calibration
 
         return generate_calibration(model_path, num_samples=calib.num_samples, seq_len=calib.seq_len,
-                                    seed=calib.seed, providers=calib.providers)
+                                    seed=calib.seed, providers=calib.providers or default_providers())
     return calibration
