@@ -226,3 +226,47 @@ def test_library_exports_cuda_entry_points_consistently() -> None:
     assert call(dtype=3) == 6
     assert call(a=None) == 1
     assert call(m=0) == 0  # empty output: nothing launched
+
+
+# ------------------------------------------------------------------ through onnxruntime's CUDA EP
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("m", [1, 37])
+def test_onnxruntime_cuda_provider_runs_the_op(tmp_path, dtype: type, m: int) -> None:
+    """The CUDA EP op (custom_ops/ort/cuda_gptq_matmul.cc) is picked, and matches the reference.
+
+    Needs onnxruntime-gpu (CUDAExecutionProvider) next to the CUDA build of the library.
+    """
+    import json
+
+    import onnxruntime as ort
+
+    from onnx_gptq import custom_ops
+
+    assert "CUDAExecutionProvider" in ort.get_available_providers(), (
+        "this test needs onnxruntime-gpu (CUDAExecutionProvider); available: "
+        f"{ort.get_available_providers()}")
+    assert custom_ops.has_cuda_kernels(), "the custom-op library was built without CUDA kernels"
+    rng = np.random.default_rng(m)
+    k, n = 200, 72
+    qw = _random_weight(rng, n, k, 4, 64, sym=False, act_order=True)
+    bias = rng.standard_normal(n).astype(dtype)
+    model = custom_ops.gptq_matmul_model(pack_custom(qw), dtype=dtype, bias=bias, input_shape=[m, 2, k])
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = custom_ops.make_session(model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                      sess_options=options)
+    x = rng.standard_normal((m, 2, k)).astype(dtype)
+    y = session.run(None, {"A": x})[0]
+    profile = json.loads(open(session.end_profiling()).read())
+    providers = {e["args"].get("provider") for e in profile
+                 if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == "GptqMatMul"}
+    assert providers == {"CUDAExecutionProvider"}, f"GptqMatMul ran on {providers}"
+    scales_t = torch.from_numpy(qw.scales.astype(dtype).astype(np.float32))
+    ref, mag = _reference(torch.from_numpy(x.reshape(-1, k).astype(np.float32)), qw, scales_t,
+                          torch.from_numpy(bias.astype(np.float32)))
+    _assert_close(torch.from_numpy(y.reshape(-1, n).astype(np.float32)), ref, mag,
+                  torch.float32 if dtype == np.float32 else torch.float16, "onnxruntime CUDA EP")
