@@ -114,8 +114,10 @@ int onnx_gptq_cuda_check_g_idx(const int32_t* g_idx, int64_t K, int64_t n_groups
   if (n_groups < 1) return ONNX_GPTQ_CUDA_ERR_N_GROUPS;
   if (g_idx == nullptr) return ONNX_GPTQ_CUDA_ERR_NULL_POINTER;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  // Plain cudaMalloc (not the stream-ordered pool, which some devices lack):
+  // this check runs once per g_idx tensor and synchronises anyway.
   unsigned long long* d_first = nullptr;
-  cudaError_t err = cudaMallocAsync(&d_first, sizeof(*d_first), s);
+  cudaError_t err = cudaMalloc(&d_first, sizeof(*d_first));
   if (err != cudaSuccess) return launch_failed(err);
   unsigned long long h_first = ~0ull;
   err = cudaMemcpyAsync(d_first, &h_first, sizeof(h_first), cudaMemcpyHostToDevice, s);
@@ -125,9 +127,9 @@ int onnx_gptq_cuda_check_g_idx(const int32_t* g_idx, int64_t K, int64_t n_groups
     err = cudaGetLastError();
   }
   if (err == cudaSuccess) err = cudaMemcpyAsync(&h_first, d_first, sizeof(h_first), cudaMemcpyDeviceToHost, s);
-  const cudaError_t free_err = cudaFreeAsync(d_first, s);
-  if (err == cudaSuccess) err = free_err;
   if (err == cudaSuccess) err = cudaStreamSynchronize(s);
+  const cudaError_t free_err = cudaFree(d_first);
+  if (err == cudaSuccess) err = free_err;
   if (err != cudaSuccess) return launch_failed(err);
   if (h_first != ~0ull) {
     if (bad_column) *bad_column = static_cast<int64_t>(h_first);
