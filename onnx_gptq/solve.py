@@ -38,9 +38,11 @@ logger = logging.getLogger(__name__)
 
 # Damping fractions tried after the configured one fails (x10 steps up to 1.0).
 _MAX_DAMP = 1.0
-# Above this many multiply-adds the error traces are computed in float32.
+# Up to this many multiply-adds (N*K*K per trace) the reported error traces are
+# exact float64 products; above it they come from the ||Err||^2 identity and the
+# triangular factor, in float32 (the full products would cost more than GPTQ).
 _FLOAT64_TRACE_LIMIT = 2e9
-# Rows per sub-block of the rank-1 updates inside a lazy-batch block.
+# Columns per left-looking sub-block inside a lazy-batch block.
 _SUB = 32
 
 
@@ -69,7 +71,8 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _torch_dtype(scale_dtype: np.dtype | type) -> torch.dtype:
+def _torch_dtype(scale_dtype: np.dtype | type, label: str) -> torch.dtype:
+    """The torch dtype of the stored scales."""
     dt = np.dtype(scale_dtype)
     if dt == np.float32:
         return torch.float32
@@ -77,7 +80,7 @@ def _torch_dtype(scale_dtype: np.dtype | type) -> torch.dtype:
         return torch.float16
     if dt.name == "bfloat16":
         return torch.bfloat16
-    raise ValueError(f"scale_dtype {dt} is not supported (float32, float16 or bfloat16)")
+    raise ValueError(f"{label}: scale_dtype {dt} is not supported (float32, float16 or bfloat16)")
 
 
 def _trace_quadratic(W: torch.Tensor, Qs: list[torch.Tensor], H: torch.Tensor | None,
@@ -378,7 +381,7 @@ def solve(W: np.ndarray, H: np.ndarray | None, config: QuantConfig, *,
             raise CalibrationError(f"{label}: Hessian contains NaN or Inf "
                                    "(non-finite activations during calibration)")
     g = _Grid(bits=config.bits, group_size=k if config.group_size == -1 else min(config.group_size, k),
-              sym=config.sym, mse=config.mse, scale_dtype=_torch_dtype(scale_dtype))
+              sym=config.sym, mse=config.mse, scale_dtype=_torch_dtype(scale_dtype, label))
     W0 = torch.as_tensor(W_np, dtype=torch.float32, device=dev)  # [N, K]
     H0 = None if H is None else torch.as_tensor(H_np, dtype=torch.float64, device=dev)  # [K, K]
     diagH = None if H0 is None else H0.diagonal().clone()  # [K]

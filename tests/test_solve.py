@@ -378,3 +378,20 @@ def test_relative_error_formula() -> None:
     expected = ((Y - Yq) ** 2).sum() / (Y ** 2).sum()
     assert relative_error(W, Q, H) == pytest.approx(expected, rel=1e-12)
     assert relative_error(W, Q, None) == pytest.approx(((W - Q) ** 2).sum() / (W ** 2).sum())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg", [QuantConfig(bits=4, group_size=128, mse=True),
+                                 QuantConfig(bits=3, group_size=64, act_order=True),
+                                 QuantConfig(bits=4, group_size=128, act_order=True,
+                                             static_groups=False, format="custom")],
+                         ids=["g128mse", "act-static", "act-dynamic"])
+def test_cuda_matches_cpu(cfg: QuantConfig) -> None:
+    """The GPU solve gives the CPU's codes (up to rare float32 tie flips), exactly packed."""
+    W, H = correlated_problem(256, 512, seed=13)
+    cpu = solve(W, H, cfg, scale_dtype=np.float16, device="cpu")
+    gpu = solve(W, H, cfg, scale_dtype=np.float16, device="cuda")
+    assert np.mean(gpu.qweight.codes == cpu.qweight.codes) > 0.995
+    assert gpu.error == pytest.approx(relative_error(W, gpu.qweight.dequantize(), H), rel=1e-9)
+    assert gpu.error == pytest.approx(cpu.error, rel=1e-2)
+    assert gpu.error < gpu.rtn_error
