@@ -180,9 +180,9 @@ def _to_qweight(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g:
     """Torch codes [N, K], scale/zero [N, G] (float32) -> QuantizedWeight (numpy)."""
     scales = scale.cpu().numpy().astype(scale_dtype)
     return QuantizedWeight(
-        codes=codes.to(torch.uint8).cpu().numpy(),
-        scales=scales,
-        zeros=zero.to(torch.uint8).cpu().numpy(),
+        codes=np.ascontiguousarray(codes.to(torch.uint8).cpu().numpy()),
+        scales=np.ascontiguousarray(scales),
+        zeros=np.ascontiguousarray(zero.to(torch.uint8).cpu().numpy()),
         bits=g.bits,
         group_size=g.group_size,
         g_idx=g_idx,
