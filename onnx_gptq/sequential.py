@@ -439,12 +439,9 @@ def _forward_session(proto: onnx.ModelProto, model_dir: Path | None,
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.log_severity_level = 3
     if _uses_custom_op(proto):
-        try:
-            from onnx_gptq.custom_ops import library_path
-        except ImportError as exc:
-            raise ModelError(f"sequential calibration: the model has {_CUSTOM_DOMAIN} nodes but the custom-op "
-                             f"library cannot be loaded ({exc})") from exc
-        options.register_custom_ops_library(str(library_path()))
+        from onnx_gptq.custom_ops import session_options
+
+        session_options(options)  # raises CustomOpsLibraryError (a UserError) naming the missing library
     if model_dir is not None and any(t.data_location == onnx.TensorProto.EXTERNAL
                                      for t in proto.graph.initializer):
         options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(Path(model_dir).resolve()))

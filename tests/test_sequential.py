@@ -241,3 +241,33 @@ def test_fan_model_runs_sequentially(tmp_path: Path) -> None:
     x = np.concatenate([b["x"] for b in batches]).astype(np.float64)
     assert got["x"].rows == 15
     np.testing.assert_allclose(got["x"].xtx, x.T @ x, rtol=1e-5)
+
+
+def test_custom_op_stages_run(tiny_llama_onnx: Path, calib_ids: Path) -> None:
+    """3-bit weights become onnx_gptq.GptqMatMul; later stages run them through the custom-op library."""
+    from onnx_gptq import custom_ops
+
+    try:
+        custom_ops.library_path()
+    except custom_ops.CustomOpsLibraryError:
+        pytest.fail("the custom-op library is not built (pip install -e . or set ONNX_GPTQ_CUSTOM_OPS_LIB)")
+    config = QuantConfig(bits=3, group_size=32)
+    model = ir.load(tiny_llama_onnx)
+    groups, _ = targets.find_targets(model, config)
+    batches = _batches(calib_ids)
+    reference = _one_pass(model, groups, batches, tiny_llama_onnx.parent)
+    received: dict[str, HessianStats] = {}
+    taken: set[str] = set()
+
+    def solve_stage(stage_groups: list[targets.WeightGroup], stats: dict[str, HessianStats]) -> None:
+        received.update(stats)
+        for group in stage_groups:
+            result = solve(group.load().T, stats[group.targets[0].activation.name].hessian(), config)
+            fmt, _ = rewrite.choose_format(config.format, result.qweight, group.dtype, group.name)
+            rewrite.rewrite_group(model, group, result.qweight, fmt, taken_names=taken)
+
+    sequential.run_sequential(model, groups, batches, solve_stage=solve_stage, model_dir=tiny_llama_onnx.parent,
+                              providers=CPU)
+    assert [n.op_type for n in model.graph].count("GptqMatMul") == 14
+    layer1 = [g.targets[0].activation.name for g in groups if sequential.block_key(g) == 1]
+    assert all(_rel(received[a].xtx, reference[a].xtx) > 1e-3 for a in layer1)  # 3-bit block 0 upstream
