@@ -457,6 +457,15 @@ void GemmTask(void* ctx, size_t task) {
         }
         DequantRange<V, BITS>(c, n, p0, p1, gs, gz, dst);
       }
+      // The next tile's codes for this k panel come from NR rows far apart in
+      // B; ask for them now so the loads below overlap with this tile's GEMM.
+      if (t + 1 < t1) {
+        const int64_t byte0 = p0 * c.bits / 8, byte1 = (p1 * c.bits + 7) / 8;
+        for (int i = 0; i < NR && nbase + NR + i < c.N; ++i) {
+          const uint8_t* row = c.p->B + (nbase + NR + i) * c.n_blocks * c.blob;
+          for (int64_t off = byte0; off < byte1; off += 64) __builtin_prefetch(row + off);
+        }
+      }
       const int nr = int(MinI(NR, c.N - nbase));
       for (int64_t mp = mp0; mp < mp1; ++mp) {
         F acc[NR][2];
