@@ -136,12 +136,12 @@ std::once_flag g_init_once;
 
 }  // namespace
 
-OrtStatus* RegisterCpuOps(OrtCustomOpDomain* domain, const OrtApi* api, uint32_t op_version) {
+OrtStatus* RegisterCpuOps(OrtCustomOpDomain* domain, const OrtApi* api, uint32_t op_version, bool shape_inference) {
   std::call_once(g_init_once, [&] {
     for (GptqOpDef* op : {&g_cpu_f32, &g_cpu_f16}) {
       const ONNXTensorElementDataType t =
           op == &g_cpu_f32 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-      InitGptqOpDef(op, op_version, api, t, nullptr);
+      InitGptqOpDef(op, op_version, api, t, nullptr, shape_inference);
       op->CreateKernelV2 = &CreateKernel;
       op->KernelComputeV2 = &Compute;
       op->KernelDestroy = &DestroyKernel;

@@ -8,6 +8,6 @@
 namespace onnx_gptq {
 
 // Adds the CPU ops to `domain`. Returns nullptr or an error status.
-OrtStatus* RegisterCpuOps(OrtCustomOpDomain* domain, const OrtApi* api, uint32_t op_version);
+OrtStatus* RegisterCpuOps(OrtCustomOpDomain* domain, const OrtApi* api, uint32_t op_version, bool shape_inference);
 
 }  // namespace onnx_gptq

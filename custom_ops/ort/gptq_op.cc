@@ -3,6 +3,7 @@
 #include "gptq_op.h"
 
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <sstream>
 
@@ -104,8 +105,14 @@ const char* GptqInputName(size_t index) {
   return index < kNumInputs ? kNames[index] : "?";
 }
 
+bool ShapeInferenceSafe(const char* version) {
+  int major = 0, minor = 0;
+  if (!version || std::sscanf(version, "%d.%d", &major, &minor) != 2) return false;
+  return major > 1 || (major == 1 && minor >= 24);
+}
+
 void InitGptqOpDef(GptqOpDef* op, uint32_t op_version, const OrtApi* api, ONNXTensorElementDataType act_type,
-                   const char* provider) {
+                   const char* provider, bool shape_inference) {
   std::memset(static_cast<OrtCustomOp*>(op), 0, sizeof(OrtCustomOp));
   op->version = op_version;
   op->api = api;
@@ -125,7 +132,7 @@ void InitGptqOpDef(GptqOpDef* op, uint32_t op_version, const OrtApi* api, ONNXTe
   op->GetVariadicOutputMinArity = &GetVariadicMinArity;
   op->GetVariadicOutputHomogeneity = &GetVariadicHomogeneity;
   if (op_version >= ONNX_GPTQ_ORT_API_SHAPE_INFER) {
-    op->InferOutputShapeFn = &InferOutputShape;
+    op->InferOutputShapeFn = shape_inference ? &InferOutputShape : nullptr;
     op->GetStartVersion = &GetStartVersion;
     op->GetEndVersion = &GetEndVersion;
   }

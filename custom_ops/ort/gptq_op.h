@@ -54,10 +54,18 @@ struct GptqOpDef : OrtCustomOp {
 };
 
 // Fills the signature callbacks of `op` (name, inputs, outputs, optional
-// inputs, versions, shape inference when op_version >= 17). The kernel
-// callbacks (CreateKernelV2, KernelComputeV2, KernelDestroy) are the caller's.
+// inputs, versions, and output shape inference when `shape_inference` and
+// op_version >= 17). The kernel callbacks (CreateKernelV2, KernelComputeV2,
+// KernelDestroy) are the caller's.
 void InitGptqOpDef(GptqOpDef* op, uint32_t op_version, const OrtApi* api, ONNXTensorElementDataType act_type,
-                   const char* provider);
+                   const char* provider, bool shape_inference);
+
+// Whether onnxruntime `version` ("1.24.1") can run a custom op's shape
+// inference function on a node with an absent optional input followed by a
+// present one (e.g. bias given, g_idx not): before 1.24 it dereferences the
+// missing input's type and crashes while loading the model (verified with
+// 1.17.3 and 1.23.2; 1.24.1 and 1.32 work).
+bool ShapeInferenceSafe(const char* version);
 
 // The node attributes, checked.
 struct GptqAttrs {

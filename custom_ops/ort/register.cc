@@ -56,7 +56,9 @@ ONNX_GPTQ_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const 
   }
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain)) return st;
-  OrtStatus* st = RegisterCpuOps(domain, api, op_version);
+  // The CPU float32 op is registered first, so its shape inference function
+  // is the one onnxruntime uses for every provider's GptqMatMul.
+  OrtStatus* st = RegisterCpuOps(domain, api, op_version, ShapeInferenceSafe(api_base->GetVersionString()));
 #ifdef ONNX_GPTQ_WITH_CUDA
   if (!st) st = onnx_gptq_register_cuda_ops(api, op_version, domain);
 #endif
