@@ -59,7 +59,8 @@ class QuantConfig:
             False gives the reference's dynamic groups and a g_idx (custom format).
         damp: damping added to diag(H), as a fraction of mean(diag(H)).
         blocksize: columns per lazy-batch update in the solver.
-        mse: search a shrunk clipping range per group minimising the squared error.
+        mse: search a shrunk clipping range per group, minimising the diag(H)-weighted
+            |error|^2.4 (the reference's norm).
         algo: "gptq" or "rtn".
         format: "auto", "ort", "qdq" or "custom".
         include: regexes; when given, only matching layers are quantized.
