@@ -72,6 +72,7 @@ class Memory:
     rss_sampled: int = 0
     anon: int = 0
     file: int = 0
+    cpu_s: float = 0.0  # user + system CPU seconds
 
 
 def _status(pid: int) -> tuple[int, int, int]:
@@ -89,7 +90,12 @@ def _status(pid: int) -> tuple[int, int, int]:
 
 
 def run_measured(command: list[str], *, kill_above: int, log: Path) -> tuple[int, float, Memory]:
-    """Run `command`, sampling its memory. Returns (exit code, wall seconds, memory peaks)."""
+    """Run `command`, sampling its memory.
+
+    Returns:
+        (exit code, wall seconds, memory peaks); `memory.cpu_s` is the child's
+        user + system CPU time, steadier than wall time on a shared machine.
+    """
     memory = Memory()
     with open(log, "w") as out:
         start = time.perf_counter()
@@ -117,6 +123,7 @@ def run_measured(command: list[str], *, kill_above: int, log: Path) -> tuple[int
         sampler.join()
         child.returncode = os.waitstatus_to_exitcode(status)
     memory.rss = usage.ru_maxrss * 1024
+    memory.cpu_s = usage.ru_utime + usage.ru_stime
     return child.returncode, wall, memory
 
 
@@ -170,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                 text = (workdir / f"probe_{layers}_{variant}.log").read_text()
                 times = [float(x) for x in text.split("PROBE")[-1].split()[:2]] if "PROBE" in text else []
                 row = {"layers": layers, "mode": f"ort:{variant}", "params_b": shape.parameters / 1e9,
-                       "exit": code, "wall_s": wall, "peak_rss": memory.rss, "peak_anon": memory.anon,
-                       "peak_file": memory.file, "phases": dict(zip(["session", "forward"], times))}
+                       "exit": code, "wall_s": wall, "cpu_s": memory.cpu_s, "peak_rss": memory.rss,
+                       "peak_anon": memory.anon, "peak_file": memory.file, "phases": dict(zip(["session", "forward"], times))}
                 results.append(row)
                 print(json.dumps(row), flush=True)
             for mode in args.modes:
@@ -188,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   log=workdir / f"{model.stem}.{mode}.log")
                 phases = json.loads(report.read_text())["phases"] if code == 0 and report.exists() else {}
                 row = {"layers": layers, "mode": mode, "params_b": shape.parameters / 1e9, "exit": code,
-                       "wall_s": wall, "peak_rss": memory.rss, "peak_anon": memory.anon, "peak_file": memory.file,
-                       "phases": phases}
+                       "wall_s": wall, "cpu_s": memory.cpu_s, "peak_rss": memory.rss, "peak_anon": memory.anon,
+                       "peak_file": memory.file, "phases": phases}
                 if code != 0:
                     row["log_tail"] = (workdir / f"{model.stem}.{mode}.log").read_text()[-1500:]
                 results.append(row)
@@ -207,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     print("\n| shape | layers | params | mode | exit | wall s | peak RSS GiB | peak anon GiB | peak file GiB | phases (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items())
-        print(f"| {args.shape} | {r['layers']} | {r['params_b']:.2f} B | {r['mode']} | {r['exit']} | {r['wall_s']:.0f} "
+        print(f"| {args.shape} | {r['layers']} | {r['params_b']:.2f} B | {r['mode']} | {r['exit']} "
+              f"| {r['wall_s']:.0f} | {r['cpu_s']:.0f} "
               f"| {_gib(r['peak_rss'])} | {_gib(r['peak_anon'])} | {_gib(r['peak_file'])} | {phases} |")
     return 0
 
