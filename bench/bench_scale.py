@@ -173,12 +173,14 @@ def main(argv: list[str] | None = None) -> int:
             for variant in args.probe_ort or []:
                 code, wall, memory = run_measured(
                     [sys.executable, "-c", _PROBE, str(model), variant, str(args.samples), str(args.seq_len),
-                     str(args.batch_size), str(shape.vocab)], kill_above=kill_above, log=workdir / f"probe_{layers}_{variant}.log")
+                     str(args.batch_size), str(shape.vocab)],
+                    kill_above=kill_above, log=workdir / f"probe_{layers}_{variant}.log")
                 text = (workdir / f"probe_{layers}_{variant}.log").read_text()
                 times = [float(x) for x in text.split("PROBE")[-1].split()[:2]] if "PROBE" in text else []
                 row = {"layers": layers, "mode": f"ort:{variant}", "params_b": shape.parameters / 1e9,
                        "exit": code, "wall_s": wall, "cpu_s": memory.cpu_s, "peak_rss": memory.rss,
-                       "peak_anon": memory.anon, "peak_file": memory.file, "phases": dict(zip(["session", "forward"], times))}
+                       "peak_anon": memory.anon, "peak_file": memory.file,
+                       "phases": dict(zip(["session", "forward"], times))}
                 results.append(row)
                 print(json.dumps(row), flush=True)
             for mode in args.modes:
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    print("\n| shape | layers | params | mode | exit | wall s | peak RSS GiB | peak anon GiB | peak file GiB | phases (s) |")
+    print("\n| shape | layers | params | mode | exit | wall s | CPU s | peak RSS GiB | peak anon GiB | peak file GiB "
+          "| phases (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phases"].items())
