@@ -127,8 +127,12 @@ def open_session(model: str | os.PathLike[str], *, providers: Sequence[str] = ("
         raise ModelError(f"model: onnxruntime cannot load {path}: {first}") from exc
 
 
-class _Runner:
-    """A session plus what it takes to feed it ids and read its logits."""
+class LogitsRunner:
+    """A session plus what it takes to feed it token ids and read its logits.
+
+    Inputs other than ``input_ids`` (attention mask, position ids, empty past
+    key/values) are derived by :class:`onnx_gptq.calib_data.ModelInputs`.
+    """
 
     def __init__(self, path: Path, providers: Sequence[str], custom_ops: bool) -> None:
         import onnx
@@ -223,8 +227,8 @@ def evaluate_ids(model: str | os.PathLike[str], windows: np.ndarray, *,
         raise ConfigError(f"windows: expected integer token ids, got {windows.dtype}")
     if batch_size < 1:
         raise ConfigError(f"batch_size: {batch_size} must be positive")
-    runner = _Runner(Path(model).expanduser(), providers, custom_ops)
-    ref = _Runner(Path(reference).expanduser(), providers, custom_ops) if reference else None
+    runner = LogitsRunner(Path(model).expanduser(), providers, custom_ops)
+    ref = LogitsRunner(Path(reference).expanduser(), providers, custom_ops) if reference else None
     for r in (runner, ref):
         if r is not None and r.inputs.vocab_size and int(windows.max()) >= r.inputs.vocab_size:
             raise ModelError(f"model: token id {int(windows.max())} is outside {r.path}'s "
@@ -371,5 +375,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["EvalResult", "configure_parser", "evaluate", "evaluate_ids", "open_session",
+__all__ = ["EvalResult", "LogitsRunner", "configure_parser", "evaluate", "evaluate_ids", "open_session",
            "read_texts", "run", "text_windows"]

@@ -84,7 +84,7 @@ def generate_calibration(model_path: str | os.PathLike[str], *, num_samples: int
         ConfigError: a non-positive size, temperature or top_k.
         CalibrationError: the model's sequence axis is static, or it has no input_ids.
     """
-    from onnx_gptq.evaluate import _Runner
+    from onnx_gptq.evaluate import LogitsRunner
 
     for name, value in (("num_samples", num_samples), ("seq_len", seq_len)):
         if value < 1:
@@ -98,7 +98,7 @@ def generate_calibration(model_path: str | os.PathLike[str], *, num_samples: int
     chain = min(seq_len, chain_len or DEFAULT_CHAIN_LEN)
 
     path = Path(model_path).expanduser()
-    runner = _Runner(path, providers, custom_ops)
+    runner = LogitsRunner(path, providers, custom_ops)
     if runner.inputs.static_seq_len is not None:
         raise CalibrationError(f"--calib self: {path} has a static sequence length of "
                                f"{runner.inputs.static_seq_len}; sampling needs a dynamic one")
