@@ -294,7 +294,8 @@ def export_model(model: Any, output: str | os.PathLike[str], *, dtype: str = "fl
             model directory or ``.gguf`` file.
         output: the .onnx file to write. Weights go to ``<output>.data`` when they
             exceed ~1.8 GB; smaller models stay a single file.
-        dtype: "float32" or "float16" weights and activations.
+        dtype: "float32" or "float16" weights and activations. A module passed
+            in is put in eval mode and converted to `dtype` in place.
         gguf_file: name of a GGUF file inside the directory `model`.
         seq_len: tokens per row of the sample used for tracing and checking.
         opset: ONNX opset for the dynamo exporter (the TorchScript fallback caps it at 17).
