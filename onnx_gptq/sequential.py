@@ -412,12 +412,11 @@ def _stage_proto(model: ir.Model, view: _StageView, examples: dict[str, list[np.
             tensor = ir.serde.serialize_tensor(value.const_value)
             tensor.name = value_name
             graph.initializer.append(tensor)
-    produced = {v.name for n in view.nodes for v in n.outputs}
     declared = {v.name for v in [*view.inputs, *outputs]}
-    for value_name in sorted(produced - declared):
-        value = next(v for n in view.nodes for v in n.outputs if v.name == value_name)
-        if value.type is not None and value_name:
-            graph.value_info.append(ir.serde.serialize_value(value))
+    for node in view.nodes:
+        for value in node.outputs:
+            if value.name and value.name not in declared and value.type is not None:
+                graph.value_info.append(ir.serde.serialize_value(value))
 
     proto = onnx.ModelProto(ir_version=model.ir_version, producer_name="onnx_gptq.sequential", graph=graph)
     for domain, version in model.opset_imports.items():
