@@ -71,8 +71,8 @@ class Stage:
         index: position of the stage, 0 first.
         groups: the weight groups quantized in this stage (those whose last
             consumer lies in it).
-        crossing_in: number of non-constant tensors entering the stage when it
-            was planned (graph inputs and earlier stages' outputs).
+        crossing_in: number of tensors computed by earlier stages that enter
+            this one, when it was planned (graph inputs not counted).
     """
 
     index: int
@@ -159,18 +159,19 @@ def _is_constant(value: ir.Value, const_nodes: set[int]) -> bool:
     return producer is not None and id(producer) in const_nodes
 
 
-def _crossing_counts(nodes: list[ir.Node], graph_inputs: Iterable[ir.Value],
-                     const_nodes: set[int]) -> list[int]:
+def _crossing_counts(nodes: list[ir.Node], const_nodes: set[int]) -> list[int]:
     """Live non-constant tensors at each cut position.
 
     Position p separates nodes[:p] from nodes[p:]; a tensor crosses it when it
-    is produced before p (or is a graph input) and read at or after p.
+    is produced before p and read at or after p. Graph inputs do not count:
+    every stage reads them from the calibration batches (the past key/value
+    inputs of a KV-cache export would otherwise make every cut look wide).
 
     Returns:
         counts, len(nodes) + 1 entries.
     """
     position = {id(n): i for i, n in enumerate(nodes)}
-    first: dict[int, int] = {id(v): -1 for v in graph_inputs}
+    first: dict[int, int] = {}
     last: dict[int, int] = {}
     for i, node in enumerate(nodes):
         for value in node.outputs:
@@ -239,7 +240,7 @@ def plan_stages(model: ir.Model, groups: Sequence[WeightGroup], *,
             if id(target.node) not in position:
                 raise ModelError(f"{name}: layer '{target.name}' is not a node of the main graph; "
                                  "sequential calibration needs every quantized layer there")
-    counts = _crossing_counts(nodes, graph.inputs, const_nodes)
+    counts = _crossing_counts(nodes, const_nodes)
 
     # Quantized nodes in graph order, with the block each belongs to.
     keyed = sorted(((position[id(t.node)], block_key(g)) for g in groups for t in g.targets), key=lambda x: x[0])

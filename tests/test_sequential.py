@@ -73,6 +73,7 @@ def test_one_stage_per_block_plus_head(tiny_lm_onnx: tuple[str, Path]) -> None:
     assert [sequential.block_key(g) for g in partition.stages[1].groups] == [1] * per_layer
     assert partition.stages[2].groups[0].is_head
     # The residual stream (plus mask, rotary tables, shape tensors) enters block 1; only hidden states the head.
+    assert partition.stages[0].crossing_in == 0
     assert 1 <= partition.stages[1].crossing_in <= 10
     assert partition.stages[2].crossing_in == 1
 
@@ -184,44 +185,47 @@ def test_activation_cache_spills_past_budget(tmp_path: Path) -> None:
     assert cache.memory_bytes == 0 and not list(tmp_path.glob("*.npy"))
 
 
-def _fan_model(branches: int, *, shared_input: bool, k: int = 8) -> ir.Model:
-    """Inputs -> `branches` parallel MatMuls, all summed at the end.
+def _fan_model(branches: int, *, split: bool, k: int = 8) -> ir.Model:
+    """Parallel MatMuls, all summed at the end.
 
-    With `shared_input` every MatMul reads one input x (the gaps widen one
-    tensor per branch); otherwise each reads its own graph input, so every
-    gap is crossed by about `branches` tensors.
+    With `split`, the input x [n, branches * k] is first cut into `branches`
+    slices, one per MatMul: every gap between two MatMuls is then crossed by
+    `branches` tensors (slices not yet used, products already made). Without,
+    every MatMul reads x itself and the gaps widen by one product per branch.
     """
     rng = np.random.default_rng(0)
     nodes, inits = [], []
-    inputs = ["x"] if shared_input else [f"x{i}" for i in range(branches)]
+    width = branches * k if split else k
+    if split:
+        nodes.append(helper.make_node("Split", ["x"], [f"x{i}" for i in range(branches)], axis=1,
+                                      num_outputs=branches, name="split"))
     for i in range(branches):
         inits.append(onnx.numpy_helper.from_array(rng.standard_normal((k, k)).astype(np.float32), f"w{i}"))
-        nodes.append(helper.make_node("MatMul", [inputs[0] if shared_input else inputs[i], f"w{i}"], [f"y{i}"],
-                                      name=f"mm{i}"))
+        nodes.append(helper.make_node("MatMul", [f"x{i}" if split else "x", f"w{i}"], [f"y{i}"], name=f"mm{i}"))
     nodes.append(helper.make_node("Sum", [f"y{i}" for i in range(branches)], ["out"], name="sum"))
-    graph = helper.make_graph(nodes, "fan", [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", k])
-                                             for x in inputs],
+    graph = helper.make_graph(nodes, "fan", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", k])], inits)
-    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
 
 
 def test_no_cut_is_a_model_error() -> None:
-    model = _fan_model(40, shared_input=False)
+    model = _fan_model(40, split=True)
     groups, _ = targets.find_targets(model, QuantConfig(group_size=8))
     assert len(groups) == 40
     with pytest.raises(ModelError, match=r"fan: cannot calibrate sequentially: no point in the graph where "
                                          r"<= 32 tensors cross .*'mm0'.* the fewest is 40"):
         sequential.plan_stages(model, groups, name="fan")
-    # A shared input: the gap after the first MatMul is crossed by x and y0 only, the next by x, y0, y1...
-    shared = _fan_model(4, shared_input=True)
+    # A shared graph input does not count: the gap after the first MatMul is crossed by y0, the next by y0, y1...
+    shared = _fan_model(4, split=False)
     groups, _ = targets.find_targets(shared, QuantConfig(group_size=8))
-    assert [len(s.groups) for s in sequential.plan_stages(shared, groups, max_crossing=3).stages] == [1, 1, 2]
-    assert [s.crossing_in for s in sequential.plan_stages(shared, groups, max_crossing=3).stages] == [1, 2, 3]
+    stages = sequential.plan_stages(shared, groups, max_crossing=2).stages
+    assert [len(s.groups) for s in stages] == [1, 1, 2]
+    assert [s.crossing_in for s in stages] == [0, 1, 2]
 
 
 def test_fan_model_runs_sequentially(tmp_path: Path) -> None:
     """Without module names every narrow gap is a cut; the tensors crossing several cuts are kept until used."""
-    model = _fan_model(4, shared_input=True)
+    model = _fan_model(4, split=False)
     groups, _ = targets.find_targets(model, QuantConfig(group_size=8))
     rng = np.random.default_rng(1)
     batches = [{"x": rng.standard_normal((5, 8)).astype(np.float32)} for _ in range(3)]
@@ -234,7 +238,7 @@ def test_fan_model_runs_sequentially(tmp_path: Path) -> None:
 
     timings: dict[str, float] = {}
     sequential.run_sequential(model, groups, batches, solve_stage=identity, model_dir=None, providers=CPU,
-                              max_crossing=3, timings=timings)
+                              max_crossing=2, timings=timings)
     assert calls == [1, 1, 2]
     assert sorted(timings) == ["sequential:calibrate", "sequential:forward", "sequential:plan", "sequential:solve"]
     assert all(t >= 0 for t in timings.values())

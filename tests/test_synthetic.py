@@ -86,7 +86,7 @@ def test_float16_model_runs_and_is_found_by_targets(tmp_path: Path) -> None:
     stages = sequential.plan_stages(model, groups).stages
     assert [len(s.groups) for s in stages] == [7] * TINY.layers + [1]
     # Residual stream, mask bias, cos, sin enter every block after the first; the head reads hidden states.
-    assert [s.crossing_in for s in stages] == [2, 4, 1]
+    assert [s.crossing_in for s in stages] == [0, 4, 1]
 
 
 def test_weights_are_page_aligned_external_data(tmp_path: Path) -> None:
