@@ -1,0 +1,83 @@
+"""The core pass with our custom op: real exports quantized, run in onnxruntime with the library.
+
+- 3-bit (which MatMulNBits cannot hold) in `custom` format equals the float
+  model carrying the dequantized weights;
+- the same 4-bit weights written as `custom` and as `ort` give the same outputs;
+- `auto` picks MatMulNBits where it can and our op where it cannot.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from onnx_gptq import custom_ops, pack
+from onnx_gptq.config import CalibConfig, QuantConfig
+from onnx_gptq.quantize import quantize, quantize_with_report
+from tests.test_rewrite import FEEDS, dequantized_reference, run
+
+CALIB = CalibConfig(num_samples=8, seq_len=32, batch_size=4)
+
+
+def run_with_library(model: ir.Model) -> np.ndarray:
+    ir.external_data.load_to_model(model)
+    session = custom_ops.make_session(ir.serde.serialize_model(model), providers=["CPUExecutionProvider"])
+    return session.run(None, FEEDS)[0]
+
+
+def custom_op_weights(model: ir.Model) -> dict[str, np.ndarray]:
+    """Dequantized [N, K] weights of every GptqMatMul node, by original weight name."""
+    found = {}
+    for node in model.graph:
+        if node.op_type != custom_ops.OP_TYPE:
+            continue
+        value = lambda i: (node.inputs[i].const_value.numpy()  # noqa: E731
+                           if len(node.inputs) > i and node.inputs[i] is not None else None)
+        t = pack.CustomOpTensors(B=value(1), scales=value(2), zero_points=value(3), g_idx=value(4),
+                                 **{a: node.attributes.get_int(a) for a in ("K", "N", "bits", "block_size")})
+        found[node.inputs[1].name.removesuffix("_B")] = pack.unpack_custom(t)
+    return found
+
+
+@pytest.mark.parametrize("act_order,static", [(False, True), (True, True), (True, False)])
+def test_three_bit_custom_equals_dequantized_reference(tiny_lm_onnx, calib_ids, tmp_path, act_order, static):
+    which, path = tiny_lm_onnx
+    config = QuantConfig(bits=3, group_size=32, act_order=act_order, static_groups=static, format="custom")
+    out = quantize(path, calib_ids, config, calib=CALIB, output=tmp_path / "q3.onnx")
+    model = ir.load(out)
+    weights = custom_op_weights(model)
+    assert len(weights) == (14 if which == "llama" else 8)
+    assert all((w.g_idx is not None) == (act_order and not static) for w in weights.values())
+    got = run_with_library(model)
+    want = run(dequantized_reference(path, config, weights), FEEDS)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_four_bit_custom_and_ort_give_the_same_outputs(tiny_lm_onnx, calib_ids, tmp_path):
+    _, path = tiny_lm_onnx
+    outputs = {}
+    for fmt in ("custom", "ort"):
+        out = quantize(path, calib_ids, QuantConfig(bits=4, group_size=32, format=fmt), calib=CALIB,
+                       output=tmp_path / f"{fmt}.onnx")
+        outputs[fmt] = run_with_library(ir.load(out))
+    np.testing.assert_allclose(outputs["custom"], outputs["ort"], rtol=1e-4, atol=1e-4)
+
+
+def test_auto_mixes_formats_and_says_why(tiny_llama_onnx, calib_ids, tmp_path):
+    # Group 48 is no power of two, so MatMulNBits can hold no layer; 3 bits neither; 4-bit g32 all.
+    config = QuantConfig(bits=4, group_size=48)
+    out, report = quantize_with_report(tiny_llama_onnx, calib_ids, config, calib=CALIB,
+                                       output=tmp_path / "auto.onnx")
+    formats = {row.format for row in report.layers}
+    assert formats == {"custom"}
+    assert all("group size 48" in note for note in report.format_notes)
+    out, report = quantize_with_report(tiny_llama_onnx, calib_ids, QuantConfig(bits=3, group_size=-1),
+                                       calib=CALIB, output=tmp_path / "auto3.onnx")
+    assert {row.format for row in report.layers} == {"custom"}
+    out, report = quantize_with_report(tiny_llama_onnx, calib_ids, QuantConfig(bits=4, group_size=32),
+                                       calib=CALIB, output=tmp_path / "auto4.onnx")
+    assert {row.format for row in report.layers} == {"ort"}
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # stock onnxruntime
+    assert session.run(None, FEEDS)[0].shape == (2, 12, 256)
