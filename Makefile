@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-cuda install sanitize bench clean
+.PHONY: demo test test-slow test-cuda install sanitize clean
 
 $(STAMP): pyproject.toml CMakeLists.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml CMakeLists.txt
 	touch $@
 
 install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) bench/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
