@@ -531,7 +531,7 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
                    solve_stage: SolveStage, model_dir: Path | None, providers: Sequence[str],
                    cache_dir: Path | None = None, spill_bytes: int = 2 << 30, progress: bool = False,
                    max_crossing: int = DEFAULT_MAX_CROSSING, partition: Partition | None = None,
-                   timings: dict[str, float] | None = None) -> None:
+                   timings: dict[str, float] | None = None, float_forward: bool = False) -> None:
     """Calibrate and quantize `model` stage by stage, each stage seeing earlier ones quantized.
 
     Args:
@@ -552,6 +552,12 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
             "sequential:calibrate" (Hessian runs), "sequential:solve" (the
             `solve_stage` calls) and "sequential:forward" (runs producing the
             next stages' inputs).
+        float_forward: run each stage forward *before* quantizing it, so
+            every stage is calibrated on the float model's activations: the
+            one-pass Hessians, with onnxruntime holding one stage's weights at
+            a time instead of the whole model's (a staged one-pass). A
+            quantized layer whose output itself crosses a cut is then
+            reported as a ModelError by the next stage.
 
     Raises:
         ModelError: no usable cut (see `plan_stages`); a stage submodel onnxruntime cannot load.
@@ -578,7 +584,7 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
             stages = tqdm(stages, desc="sequential stages", unit="stage")
         for stage in stages:
             _run_stage(model, partition, stage, cache, solve_stage=solve_stage, model_dir=model_dir,
-                       providers=providers, progress=progress, clock=clock)
+                       providers=providers, progress=progress, clock=clock, float_forward=float_forward)
         logger.info("sequential calibration: %d stages; activation cache peak %.1f MB in memory, %.1f MB spilled",
                     len(partition.stages), cache.peak_memory_bytes / 1e6, cache.spilled_bytes / 1e6)
     finally:
@@ -587,7 +593,7 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
 
 def _run_stage(model: ir.Model, partition: Partition, stage: Stage, cache: ActivationCache, *,
                solve_stage: SolveStage, model_dir: Path | None, providers: Sequence[str], progress: bool,
-               clock: "_Clock") -> None:
+               clock: "_Clock", float_forward: bool) -> None:
     graph = model.graph
     last = stage.index == len(partition.stages) - 1
     view = _stage_view(graph, partition, stage.index)
@@ -598,6 +604,9 @@ def _run_stage(model: ir.Model, partition: Partition, stage: Stage, cache: Activ
     feeds = [{v.name: cache.get(v.name, b) for v in view.inputs} for b in range(cache.num_batches)]
     examples = {v.name: [cache.get(v.name, b) for b in range(cache.num_batches)] for v in view.inputs}
 
+    if float_forward and not last and view.outputs:
+        with clock("sequential:forward"):
+            _forward(model, view, examples, feeds, cache, stage.index, model_dir, providers)
     if stage.groups:
         activations = sorted({t.activation.name for g in stage.groups for t in g.targets})
         with clock("sequential:calibrate"):
@@ -610,7 +619,7 @@ def _run_stage(model: ir.Model, partition: Partition, stage: Stage, cache: Activ
         del stats
         view = _stage_view(graph, partition, stage.index)  # the stage as rewritten
 
-    if not last and view.outputs:
+    if not float_forward and not last and view.outputs:
         with clock("sequential:forward"):
             _forward(model, view, examples, feeds, cache, stage.index, model_dir, providers)
     del feeds, examples

@@ -275,3 +275,19 @@ def test_custom_op_stages_run(tiny_llama_onnx: Path, calib_ids: Path) -> None:
     assert [n.op_type for n in model.graph].count("GptqMatMul") == 14
     layer1 = [g.targets[0].activation.name for g in groups if sequential.block_key(g) == 1]
     assert all(_rel(received[a].xtx, reference[a].xtx) > 1e-3 for a in layer1)  # 3-bit block 0 upstream
+
+
+def test_float_forward_gives_one_pass_hessians_with_real_solve(tiny_lm_onnx: tuple[str, Path],
+                                                               calib_ids: Path) -> None:
+    """Staged one-pass: stages run float before being quantized, so every Hessian is the one-pass one."""
+    _, path = tiny_lm_onnx
+    model, groups = _load(path)
+    batches = _batches(calib_ids)
+    reference = _one_pass(model, groups, batches, path.parent)
+    got: dict[str, HessianStats] = {}
+    sequential.run_sequential(model, groups, batches, solve_stage=_collecting(model, got), model_dir=path.parent,
+                              providers=CPU, float_forward=True)
+    assert sorted(got) == sorted(reference)
+    for name, ref in reference.items():
+        assert _rel(got[name].xtx, ref.xtx) < 1e-6, name
+    assert [n.op_type for n in model.graph].count("MatMulNBits") == sum(len(g.targets) for g in groups)
