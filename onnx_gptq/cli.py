@@ -63,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     sym = quant.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=False, help="symmetric grid")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
-    quant.add_argument("--act-order", action="store_true", help="quantize columns by decreasing Hessian diagonal")
+    order = quant.add_mutually_exclusive_group()
+    order.add_argument("--act-order", dest="act_order", action="store_true", default=True,
+                       help="quantize columns by decreasing Hessian diagonal (default; groups stay contiguous)")
+    order.add_argument("--no-act-order", dest="act_order", action="store_false",
+                       help="quantize columns left to right, as GPTQ without desc_act")
     quant.add_argument("--dynamic-groups", action="store_true",
                        help="with --act-order: groups formed in activation order (writes g_idx; custom format)")
     quant.add_argument("--damp", type=float, default=0.01, help="damping, fraction of mean diag(H) (default 0.01)")

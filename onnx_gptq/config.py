@@ -53,7 +53,9 @@ class QuantConfig:
             may be shorter (ragged) when it does not divide K.
         sym: symmetric grid (zero point fixed at 2**(bits-1)) instead of a
             per-group min/max grid.
-        act_order: quantize columns in order of decreasing Hessian diagonal.
+        act_order: quantize columns in order of decreasing Hessian diagonal (on by
+            default: with static groups it costs nothing at inference, and on
+            SmolLM2 it cuts the W3 perplexity increase by more than half).
         static_groups: with act_order, fix every group's grid before solving so
             groups stay contiguous in the original column order (no g_idx needed).
             False gives the reference's dynamic groups and a g_idx (custom format).
@@ -73,7 +75,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128
     sym: bool = False
-    act_order: bool = False
+    act_order: bool = True
     static_groups: bool = True
     damp: float = 0.01
     blocksize: int = 128

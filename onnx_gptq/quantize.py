@@ -60,10 +60,23 @@ def _group_hessian(group: targets.WeightGroup, stats: dict[str, Any]) -> tuple[n
     return total.hessian(), total.rows
 
 
+
 def hessian_bytes(k: int) -> int:
     """Bytes held per calibrated activation of width k: a float64 accumulator
     plus onnxruntime's float32 per-batch output."""
     return 12 * k * k
+
+
+def runtime_weight_bytes(model: ir.Model) -> int:
+    """Bytes onnxruntime's CPU provider holds for the model's weights: it keeps an
+    fp32 copy of every fp16/bf16 initializer, so count all floats at 4 bytes."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            itemsize = 4 if tensor.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16) else tensor.dtype.itemsize
+            total += int(np.prod(tensor.shape.numpy(), dtype=np.int64)) * itemsize
+    return total
 
 
 def default_memory_budget() -> int:
@@ -226,12 +239,19 @@ def _calibrate_and_solve(model: ir.Model, groups: list[targets.WeightGroup], cal
     with phase("calibrate"):
         proto = model_io.to_proto(model)  # the float model: one-pass Hessians all come from it
         batches = calib_data.make_batches(calibration, proto, calib, tokenizer=tokenizer)
-    if calib.sequential:
+    # onnxruntime cannot run a model whose float weights exceed the memory at
+    # hand; then run it stage by stage in float (same one-pass Hessians).
+    import psutil
+
+    too_big = runtime_weight_bytes(model) > psutil.virtual_memory().available // 2
+    if calib.sequential or too_big:
         from onnx_gptq.sequential import run_sequential
 
-        with phase("sequential"):
-            run_sequential(model, groups, batches, solve_stage=solver, model_dir=model_dir,
-                           providers=providers, progress=progress)
+        if too_big and not calib.sequential:
+            logger.warning("the model's float weights exceed half the free memory: calibrating block by "
+                           "block in float (same Hessians as one pass, bounded memory)")
+        run_sequential(model, groups, batches, solve_stage=solver, model_dir=model_dir, providers=providers,
+                       progress=progress, timings=solver.report.phases, float_forward=not calib.sequential)
         return
     passes = plan_passes(groups, budget)
     if len(passes) > 1:

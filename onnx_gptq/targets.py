@@ -59,10 +59,13 @@ class Target:
     def name(self) -> str:
         return self.node.name or self.node.outputs[0].name or "<unnamed>"
 
+    weight_dtype: ir.DataType = ir.DataType.FLOAT
+
     @property
     def dtype(self) -> ir.DataType:
-        """The dtype the node computes in (its activation's)."""
-        return self.activation.dtype or self.node.outputs[0].dtype or ir.DataType.FLOAT
+        """The dtype the node computes in: its activation's, else its output's, else
+        its weight's after any Cast (MatMul and Gemm take A and B of one type)."""
+        return self.activation.dtype or self.node.outputs[0].dtype or self.weight_dtype
 
 
 @dataclasses.dataclass
@@ -112,6 +115,9 @@ class WeightGroup:
             elif op == "Cast":
                 w = w.astype(ir.DataType(attr).numpy())
         w = np.array(w, dtype=np.float32, order="C")  # a private, writable copy
+        if isinstance(tensor, ir.ExternalTensor):
+            # Unmap the file: mapped pages would otherwise add up, layer after layer.
+            tensor.release()
         if self.alpha != 1.0:
             w *= np.float32(self.alpha)
         return w
@@ -230,8 +236,12 @@ def _target_or_reason(node: ir.Node) -> tuple[Target, ir.Value, list, float] | s
     dtype = activation.dtype or node.outputs[0].dtype
     if dtype is not None and dtype not in _FLOAT_TYPES:
         return f"activation '{activation.name}' has dtype {dtype} (needs float)"
+    weight_dtype = tensor.dtype
+    for op, attr in steps:
+        if op == "Cast":
+            weight_dtype = ir.DataType(attr)
     target = Target(node=node, activation=activation, bias=bias, bias_scale=beta,
-                    module=_main_module(node))
+                    module=_main_module(node), weight_dtype=weight_dtype)
     return target, source, steps, alpha
 
 

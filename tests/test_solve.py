@@ -104,14 +104,14 @@ def ref_rtn(W: np.ndarray, gs: int, bits: int, sym: bool, scale_dtype=np.float32
 
 
 REFERENCE_CASES = [
-    QuantConfig(bits=4, group_size=32, blocksize=128),
-    QuantConfig(bits=3, group_size=48, blocksize=32),  # groups straddle blocks; ragged last group
-    QuantConfig(bits=4, group_size=-1, blocksize=16),
-    QuantConfig(bits=4, group_size=-1, sym=True),
-    QuantConfig(bits=2, group_size=40, sym=True, blocksize=24),
+    QuantConfig(bits=4, group_size=32, blocksize=128, act_order=False),
+    QuantConfig(bits=3, group_size=48, blocksize=32, act_order=False),  # groups straddle blocks; ragged last group
+    QuantConfig(bits=4, group_size=-1, blocksize=16, act_order=False),
+    QuantConfig(bits=4, group_size=-1, sym=True, act_order=False),
+    QuantConfig(bits=2, group_size=40, sym=True, blocksize=24, act_order=False),
     QuantConfig(bits=4, group_size=32, act_order=True, static_groups=True),
     QuantConfig(bits=3, group_size=-1, act_order=True),
-    QuantConfig(bits=8, group_size=64, blocksize=20),
+    QuantConfig(bits=8, group_size=64, blocksize=20, act_order=False),
 ]
 
 
@@ -139,7 +139,7 @@ def test_dynamic_act_order_matches_reference() -> None:
     gs = cfg.group_size
     # Reference: permute, then plain contiguous groups; un-permute.
     perm = np.argsort(-np.diag(H), kind="stable")
-    codes_perm, Q_perm = ref_gptq(W[:, perm], H[perm][:, perm], QuantConfig(bits=4, group_size=gs))
+    codes_perm, Q_perm = ref_gptq(W[:, perm], H[perm][:, perm], QuantConfig(bits=4, group_size=gs, act_order=False))
     Q_ref = np.empty_like(Q_perm)
     Q_ref[:, perm] = Q_perm
     assert np.mean(res.qweight.codes[:, perm] == codes_perm) > 0.995
@@ -252,14 +252,14 @@ def test_error_without_extra_product_matches_exact(monkeypatch: pytest.MonkeyPat
 def test_fp16_scales_are_used_before_quantizing(algo: str) -> None:
     W, H = correlated_problem(24, 96, seed=6)
     W *= 1e-3  # small weights: float32 scales would not survive fp16 unchanged
-    res = solve(W, H, QuantConfig(bits=4, group_size=32, algo=algo), scale_dtype=np.float16,
+    res = solve(W, H, QuantConfig(bits=4, group_size=32, algo=algo, act_order=False), scale_dtype=np.float16,
                 device="cpu")
     qw = res.qweight
     assert qw.scales.dtype == np.float16 and np.isfinite(qw.scales).all() and (qw.scales > 0).all()
     if algo == "rtn":
         np.testing.assert_array_equal(qw.codes, ref_rtn(W, 32, 4, False, scale_dtype=np.float16))
     else:
-        codes_ref, _ = ref_gptq(W, H, QuantConfig(bits=4, group_size=32), scale_dtype=np.float16)
+        codes_ref, _ = ref_gptq(W, H, QuantConfig(bits=4, group_size=32, act_order=False), scale_dtype=np.float16)
         assert np.mean(qw.codes == codes_ref) > 0.995
     assert res.error == pytest.approx(relative_error(W, qw.dequantize(), H), rel=1e-9)
 
