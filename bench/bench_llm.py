@@ -60,6 +60,7 @@ class Row:
         config: QuantConfig fields (onnx-gptq) or bits/block/sym (ort-gptq).
         samples: calibration windows; None for the run's default, 0 for none.
         self_calib: calibrate on sequences sampled from the float model.
+        sequential: true-sequential calibration (--sequential).
     """
 
     name: str
@@ -68,6 +69,7 @@ class Row:
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     samples: int | None = None
     self_calib: bool = False
+    sequential: bool = False
 
 
 ROWS = [
@@ -77,13 +79,17 @@ ROWS = [
         {"bits": 4, "block_size": 128, "sym": False}, samples=0),
     Row("ort-gptq-w4-g128", "onnxruntime MatMulNBitsQuantizer GPTQ W4 g128", "ort-gptq",
         {"bits": 4, "block_size": 128, "sym": False}),
-    Row("gptq-w4-g128", "onnx-gptq W4 g128 asym", "onnx-gptq", {}),
+    Row("gptq-w4-g128", "onnx-gptq W4 g128 asym (act-order: the default)", "onnx-gptq", {}),
     Row("gptq-w4-g128-sym", "onnx-gptq W4 g128 sym", "onnx-gptq", {"sym": True}),
-    Row("gptq-w4-g128-act", "onnx-gptq W4 g128 act-order", "onnx-gptq", {"act_order": True}),
+    Row("gptq-w4-g128-noact", "onnx-gptq W4 g128 without act-order", "onnx-gptq", {"act_order": False}),
+    Row("gptq-w4-g128-seq", "onnx-gptq W4 g128 --sequential", "onnx-gptq", {}, sequential=True),
     Row("rtn-w4-pc", "RTN W4 per-channel", "onnx-gptq", {"algo": "rtn", "group_size": -1}, samples=0),
     Row("gptq-w4-pc", "onnx-gptq W4 per-channel", "onnx-gptq", {"group_size": -1}),
     Row("rtn-w3-g128", "RTN W3 g128", "onnx-gptq", {"algo": "rtn", "bits": 3}, samples=0),
     Row("gptq-w3-g128", "onnx-gptq W3 g128", "onnx-gptq", {"bits": 3}),
+    Row("gptq-w3-g128-noact", "onnx-gptq W3 g128 without act-order", "onnx-gptq", {"bits": 3, "act_order": False}),
+    Row("gptq-w3-g128-seq", "onnx-gptq W3 g128 --sequential", "onnx-gptq", {"bits": 3}, sequential=True),
+    Row("rtn-w2-g64", "RTN W2 g64", "onnx-gptq", {"algo": "rtn", "bits": 2, "group_size": 64}, samples=0),
     Row("gptq-w2-g64", "onnx-gptq W2 g64", "onnx-gptq", {"bits": 2, "group_size": 64}),
     Row("gptq-w4-g128-n32", "onnx-gptq W4 g128, 32 samples", "onnx-gptq", {}, samples=32),
     Row("gptq-w4-g128-self", "onnx-gptq W4 g128, --calib self (32 samples)", "onnx-gptq", {},
@@ -136,7 +142,7 @@ def _child_quantize(spec: dict[str, Any]) -> dict[str, Any]:
 
         config = QuantConfig(**spec["config"])
         calib = CalibConfig(num_samples=max(1, spec["samples"]), seq_len=spec["seq_len"],
-                            seed=spec["seed"])
+                            seed=spec["seed"], sequential=spec.get("sequential", False))
         calibration = "self" if spec["self_calib"] else spec["calibration"]
         _, report = quantize_with_report(spec["model"], calibration, config, calib=calib,
                                          output=spec["output"])
@@ -288,7 +294,7 @@ def run_row(row: Row, settings: Settings, prepared: dict[str, Any]) -> dict[str,
             samples = row.samples if row.samples is not None else settings.samples
             spec = {"kind": row.kind, "config": row.config, "model": str(fp32),
                     "output": str(model), "samples": samples, "seq_len": settings.calib_seq_len,
-                    "seed": settings.seed, "self_calib": row.self_calib,
+                    "seed": settings.seed, "self_calib": row.self_calib, "sequential": row.sequential,
                     "calibration": (str(prepared["calib"][samples])
                                     if samples and not row.self_calib else None)}
             logger.info("quantizing %s", row.name)
