@@ -234,15 +234,19 @@ def _factor(H: torch.Tensor, damp: float,
     while d < _MAX_DAMP:
         d = min(d * 10, _MAX_DAMP)
         tries.append(d)
-    Hflip = H.flip(0, 1)  # J H J
-    eye = torch.eye(k, dtype=H.dtype, device=H.device)
+    # Memory matters at K = 11008 (0.97 GB per float64 K x K): at most H, one
+    # damped flip, L and one inverse are alive at once.
     for d in tries:
-        Hd = Hflip.clone()
+        Hd = H.flip(0, 1)  # J H J, a fresh copy per try
         Hd.diagonal().add_(d * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)  # J H J = L L^T
+        del Hd
         if int(info) != 0:
             continue
-        U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)  # J L^-1 J
+        Linv = torch.eye(k, dtype=H.dtype, device=H.device)
+        torch.linalg.solve_triangular(L, Linv, upper=False, out=Linv)  # L^-1, in place
+        U = Linv.flip(0, 1)  # J L^-1 J
+        del Linv
         if not bool(torch.isfinite(U.diagonal()).all()):
             continue
         if d != damp:
@@ -423,17 +427,16 @@ def _solve_gptq(W0: torch.Tensor, H0: torch.Tensor, g: _Grid, config: QuantConfi
         are None for small problems, whose traces are computed exactly in float64.
     """
     n, k = W0.shape
-    H = H0.clone()  # [K, K] float64
-    dead = H.diagonal() <= 0  # inputs that never fired
+    dead = H0.diagonal() <= 0  # inputs that never fired
     if bool(dead.all()):
         logger.warning("%s: Hessian is zero (all inputs dead); using round-to-nearest", label)
         return None
     W = W0.clone()  # [N, K]
     if bool(dead.any()):
-        H[dead, dead] = 1.0
         W[:, dead] = 0.0
     W_dead0 = W  # [N, K] original order, dead columns zeroed
-    diag = H.diagonal().clone()
+    diag = H0.diagonal().clone()
+    diag[dead] = 1.0  # the reference sets H[d, d] = 1 for dead inputs
     mean_diag = float(diag.mean())
     mse_weight = diag.to(torch.float32)
 
@@ -447,16 +450,25 @@ def _solve_gptq(W0: torch.Tensor, H0: torch.Tensor, g: _Grid, config: QuantConfi
     if config.act_order:
         perm = torch.argsort(diag, descending=True, stable=True)  # [K]
         W = W[:, perm]
-        H = H[perm][:, perm]
         mse_weight = mse_weight[perm]
+        # Rows, then columns: one K x K temporary at a time (K = 11008 is 0.97 GB).
+        H = H0.index_select(0, perm)
+        H = H.index_select(1, perm)  # [K, K] float64, solve order
+    else:
+        H = H0.clone()  # [K, K] float64
+    if bool(dead.any()):
+        H.diagonal()[dead if perm is None else dead[perm]] = 1.0
 
     factored = _factor(H, config.damp, label)
+    del H  # the solve-order copy is not needed past the factorisation
     if factored is None:
         logger.warning("%s: Hessian is not positive definite even with damp=%g; "
                        "using round-to-nearest", label, _MAX_DAMP)
         return None
     U, L, damp = factored
     Hinv = U.to(torch.float32)  # [K, K] upper Cholesky of H^-1, solve order
+    del U, factored
+    L = L.to(torch.float32)  # only the large-problem traces use it, in float32
 
     if perm is not None and static is not None:
         col_group = (perm // g.group_size).tolist()
@@ -484,5 +496,5 @@ def _solve_gptq(W0: torch.Tensor, H0: torch.Tensor, g: _Grid, config: QuantConfi
     dW_sq = float((W_dead0 - _dequantize_torch(qw, W0.device)).double().pow(2).sum())
     trace = err_sq - lam * dW_sq if lam * dW_sq < 0.5 * err_sq else None
     order = torch.arange(k, device=W0.device) if perm is None else perm
-    helper = _FactorTraces(L=L.to(torch.float32), order=order.flip(0), lam=lam, dead=dead)
+    helper = _FactorTraces(L=L, order=order.flip(0), lam=lam, dead=dead)
     return qw, damp, trace, helper
