@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--sym", action="store_true",
+                        help="symmetric grids for every row (onnxruntime's GPTQ path crashes packing asymmetric "
+                             "zero points when a row has an odd number of groups)")
     parser.add_argument("--skip-ort-gptq", action="store_true", help="leave out the slow onnxruntime GPTQ row")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "onnx-gptq-bench")
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
@@ -134,7 +137,7 @@ def main() -> None:
     ids_path = args.workdir / "calib_ids.npy"
     np.save(ids_path, ids)  # every row sees exactly these tokens
 
-    config = QuantConfig(bits=4, group_size=args.group_size, sym=False)
+    config = QuantConfig(bits=4, group_size=args.group_size, sym=args.sym)
     times: dict[str, float] = {}
     outputs: dict[str, tuple[Path, str]] = {}
     for algo in ("gptq", "rtn"):
@@ -146,9 +149,15 @@ def main() -> None:
         outputs[f"onnx-gptq {algo}"] = (out, "_B")
         if algo == "gptq":
             calibration_seconds = report.phases.get("calibrate", 0.0)
+    failures: dict[str, str] = {}
     for algo in ("rtn",) + (() if args.skip_ort_gptq else ("gptq",)):
         out = args.workdir / f"ort_{algo}.onnx"
-        times[f"onnxruntime {algo}"] = run_ort_quantizer(args.model, out, algo, batches, args.group_size, False)
+        try:
+            times[f"onnxruntime {algo}"] = run_ort_quantizer(args.model, out, algo, batches, args.group_size,
+                                                             args.sym)
+        except Exception as exc:  # noqa: BLE001 - a quantizer that crashes is a result too
+            failures[f"onnxruntime {algo}"] = f"{type(exc).__name__}: {exc}"
+            continue
         outputs[f"onnxruntime {algo}"] = (out, "_Q4")
 
     # Per-layer relative output error, every row against the same Hessians.
@@ -174,7 +183,7 @@ def main() -> None:
     forward = plain_forward_seconds(args.model, batches)
     tokens = ids.size
     lines = [f"model: {args.model.name}, calibration: {ids.shape[0]} x {ids.shape[1]} tokens, "
-             f"W4 asym group {args.group_size}", "",
+             f"W4 {'sym' if args.sym else 'asym'} group {args.group_size}", "",
              "| method | wall time (s) | vs onnxruntime GPTQ | mean rel. error | max rel. error | layers worse than onnx-gptq gptq |",
              "|---|---|---|---|---|---|"]
     ours = np.array(errors["onnx-gptq gptq"])
@@ -185,6 +194,8 @@ def main() -> None:
         worse = int(np.sum(e > ours * (1 + 1e-6))) if row != "onnx-gptq gptq" else 0
         lines.append(f"| {row} | {times[row]:.1f} | {speed} | {np.nanmean(e):.3e} | {np.nanmax(e):.3e} | "
                      f"{worse} / {len(e)} |")
+    for row, reason in failures.items():
+        lines.append(f"| {row} | failed: {reason[:150]} | | | | |")
     lines += ["", f"| calibration (onnx-gptq, {tokens} tokens) | plain forward pass, same tokens | ratio |",
               "|---|---|---|", f"| {calibration_seconds:.1f} s | {forward:.1f} s | {calibration_seconds / forward:.2f}x |"]
     if ort_gptq:
