@@ -1,0 +1,52 @@
+"""SmolLM2-135M quality at 128 x 512 calibration tokens: rows given on the command line.
+
+Each row is BITS:FLAGS with flags joined by '+': rtn, gptq, act (act-order is the
+default since this measurement; 'gptq' means without act-order here), sym, mse, seq
+(--sequential). Calibration: 128 windows of 512 tokens from State of the Union
+addresses before 2000; evaluation: perplexity, KL and top-1 against fp32 on 16
+windows of 512 tokens from 2000 on.
+
+    python bench/smollm2_quality.py 128 "3:rtn,3:act,3:act+seq,4:rtn,4:act"
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from onnx_gptq import assets, export  # noqa: E402
+from onnx_gptq.config import CalibConfig, QuantConfig  # noqa: E402
+from onnx_gptq.evaluate import evaluate  # noqa: E402
+from onnx_gptq.quantize import quantize_with_report  # noqa: E402
+
+tok = str(assets.smollm2_gguf())
+calib, ev = (str(p) for p in assets.sotu_split_files())
+work = assets.cache_root() / "quality"
+work.mkdir(parents=True, exist_ok=True)
+ref = work / "smollm2.onnx"
+if not ref.exists():
+    export.export_model(tok, ref)
+n = int(sys.argv[1])
+rows = sys.argv[2].split(",")
+fp32 = evaluate(ref, ev, tok, seq_len=512, max_windows=16)
+print(f"fp32           ppl {fp32.perplexity:.2f}", flush=True)
+for row in rows:
+    bits, rest = row.split(":")
+    kw = dict(bits=int(bits), group_size=128, act_order=False)
+    flags = rest.split("+")
+    if "rtn" in flags:
+        kw["algo"] = "rtn"
+    if "act" in flags:
+        kw["act_order"] = True
+    if "sym" in flags:
+        kw["sym"] = True
+    if "mse" in flags:
+        kw["mse"] = True
+    out = work / f"q_{row.replace(':', '_').replace('+', '_')}.onnx"
+    t = time.time()
+    quantize_with_report(ref, calib, QuantConfig(**kw), calib=CalibConfig(num_samples=n, seq_len=512,
+                         sequential="seq" in flags), tokenizer=tok, output=out)
+    qt = time.time() - t
+    r = evaluate(out, ev, tok, reference=ref, seq_len=512, max_windows=16)
+    print(f"{row:14s} n={n} ppl {r.perplexity:.2f} (+{r.perplexity - fp32.perplexity:.2f}) kl {r.kl:.4f} "
+          f"top1 {r.top1:.3f} quant {qt:.0f}s", flush=True)
