@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnx-gptq",
         description="GPTQ weight-only quantization of an ONNX model. "
-                    f"Also: 'onnx-gptq export --help', 'onnx-gptq eval --help'.")
+                    "Also: 'onnx-gptq export --help', 'onnx-gptq eval --help'.")
     parser.add_argument("model", type=Path, help="input .onnx model (never modified)")
     parser.add_argument("-o", "--output", type=Path, help="output .onnx path (default: <model>.q<bits>.onnx)")
     parser.add_argument("--version", action="version", version=f"onnx-gptq {__version__}")

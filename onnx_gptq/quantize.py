@@ -7,11 +7,8 @@ out (rewritten in place, as onnx-ir passes do).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +19,11 @@ import onnx_ir as ir
 from onnx_gptq import model_io, rewrite, targets
 from onnx_gptq.config import Algo, CalibConfig, Format, QuantConfig
 from onnx_gptq.errors import ConfigError, ModelError
-from onnx_gptq.report import LayerRow, Report
+from onnx_gptq.report import LayerRow, PhaseTimer, Report
 
 logger = logging.getLogger(__name__)
 
 ModelLike = str | os.PathLike | onnx.ModelProto | ir.Model
-
-
-class _Phases:
-    """Wall time per pipeline phase."""
-
-    def __init__(self, report: Report) -> None:
-        self.report = report
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.report.phases[name] = self.report.phases.get(name, 0.0) + time.perf_counter() - start
 
 
 def _scale_dtype(dtype: ir.DataType) -> np.dtype:
@@ -115,7 +97,7 @@ def plan_passes(groups: list[targets.WeightGroup], budget: int) -> list[list[tar
 class _Solver:
     """Solves weight groups (several at once with `jobs` > 1) and rewrites them in graph order."""
 
-    def __init__(self, model: ir.Model, config: QuantConfig, report: Report, phase: _Phases,
+    def __init__(self, model: ir.Model, config: QuantConfig, report: Report, phase: PhaseTimer,
                  jobs: int, device: str | None, progress: bool, total: int) -> None:
         self.model, self.config, self.report, self.phase = model, config, report, phase
         self.jobs, self.device = max(1, jobs), device
@@ -201,7 +183,7 @@ def quantize_model(model: ir.Model, calibration: Any, config: QuantConfig, *, ca
         opset conversion) and the run's report.
     """
     report = Report(config=config.to_dict())
-    phase = _Phases(report)
+    phase = PhaseTimer(report.phases)
     if config.format is Format.QDQ:
         model = model_io.with_opset(model, rewrite.QDQ_MIN_OPSET)
     with phase("targets"):
@@ -231,7 +213,7 @@ def quantize_model(model: ir.Model, calibration: Any, config: QuantConfig, *, ca
 
 def _calibrate_and_solve(model: ir.Model, groups: list[targets.WeightGroup], calibration: Any,
                          calib: CalibConfig, model_dir: Path | None, tokenizer: str | os.PathLike | None,
-                         solver: _Solver, phase: _Phases, progress: bool) -> None:
+                         solver: _Solver, phase: PhaseTimer, progress: bool) -> None:
     from onnx_gptq import calib_data, calibrate
 
     providers = calib.providers or calibrate.default_providers()
@@ -285,7 +267,7 @@ def quantize_with_report(model: ModelLike, calibration: Any = None, config: Quan
                                      calib=calib, model_dir=source.parent, tokenizer=tokenizer,
                                      jobs=jobs, device=device, progress=progress)
         run.size_before = size_before
-        with _Phases(run)("save"):
+        with PhaseTimer(run.phases)("save"):
             run.size_after = model_io.save_atomic(loaded, destination)
         result: ModelLike = destination
     elif isinstance(model, onnx.ModelProto):

@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+class PhaseTimer:
+    """Adds wall seconds per phase name into a dict (or nowhere, given None)."""
+
+    def __init__(self, phases: dict[str, float] | None) -> None:
+        self.phases = phases
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.phases is not None:
+                self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
 
 
 @dataclasses.dataclass

@@ -29,16 +29,13 @@ in memory (packed weights, small models) are embedded.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import re
 import shutil
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -48,6 +45,7 @@ import onnxruntime as ort
 from onnx_gptq import calibrate
 from onnx_gptq.calibrate import HessianStats
 from onnx_gptq.errors import CalibrationError, ModelError
+from onnx_gptq.report import PhaseTimer
 from onnx_gptq.targets import WeightGroup, module_names
 
 logger = logging.getLogger(__name__)
@@ -566,7 +564,7 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
     if not batches:
         raise CalibrationError("calibration data is empty: no batch was given")
     name = model.graph.name or "model"
-    clock = _Clock(timings)
+    clock = PhaseTimer(timings)
     with clock("sequential:plan"):
         partition = partition or plan_stages(model, groups, max_crossing=max_crossing, name=name)
     input_names = [v.name or "" for v in model.graph.inputs]
@@ -593,7 +591,7 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
 
 def _run_stage(model: ir.Model, partition: Partition, stage: Stage, cache: ActivationCache, *,
                solve_stage: SolveStage, model_dir: Path | None, providers: Sequence[str], progress: bool,
-               clock: "_Clock", float_forward: bool) -> None:
+               clock: PhaseTimer, float_forward: bool) -> None:
     graph = model.graph
     last = stage.index == len(partition.stages) - 1
     view = _stage_view(graph, partition, stage.index)
@@ -646,22 +644,6 @@ def _forward(model: ir.Model, view: _StageView, examples: dict[str, list[np.ndar
         for output_name, array in zip(output_names, results):
             cache.add(output_name, b, array)
     del session
-
-
-class _Clock:
-    """Adds wall seconds per label into a caller's dict (or nowhere)."""
-
-    def __init__(self, timings: dict[str, float] | None) -> None:
-        self.timings = timings
-
-    @contextlib.contextmanager
-    def __call__(self, label: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.timings is not None:
-                self.timings[label] = self.timings.get(label, 0.0) + time.perf_counter() - start
 
 
 __all__ = ["ActivationCache", "DEFAULT_MAX_CROSSING", "Partition", "Stage", "block_key", "plan_stages",
