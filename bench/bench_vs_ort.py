@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import re
 import sys
 import tempfile
 import time
@@ -48,7 +48,15 @@ def smollm2(workdir: Path) -> tuple[Path, Path, Path]:
 
 
 def weights_of_matmulnbits(path: Path, suffix: str) -> dict[str, np.ndarray]:
-    """Dequantized [N, K] weights of every MatMulNBits node, keyed by the original weight name."""
+    """Dequantized [N, K] weights of every MatMulNBits node, keyed by the original weight name.
+
+    `suffix` is a regex for what the quantizer appended to the weight's name
+    (ours: "_B"; onnxruntime's RTN: "_Q4", its GPTQ: "_Q4G128").
+    """
+    return _weights(path, re.compile(suffix + "$"))
+
+
+def _weights(path: Path, suffix: "re.Pattern[str]") -> dict[str, np.ndarray]:
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
     out: dict[str, np.ndarray] = {}
@@ -60,7 +68,7 @@ def weights_of_matmulnbits(path: Path, suffix: str) -> dict[str, np.ndarray]:
         t = pack.MatMulNBitsTensors(B=arr(1), scales=arr(2).astype(np.float32), zero_points=arr(3), **attrs)
         qw = pack.unpack_matmulnbits(t, group_size=min(attrs["block_size"], attrs["K"]))
         name = node.input[1]
-        out[name[: -len(suffix)] if name.endswith(suffix) else name] = qw.dequantize()
+        out[suffix.sub("", name)] = qw.dequantize()
     return out
 
 
@@ -158,7 +166,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - a quantizer that crashes is a result too
             failures[f"onnxruntime {algo}"] = f"{type(exc).__name__}: {exc}"
             continue
-        outputs[f"onnxruntime {algo}"] = (out, "_Q4")
+        outputs[f"onnxruntime {algo}"] = (out, r"_Q\d+(G\d+)?")
 
     # Per-layer relative output error, every row against the same Hessians.
     float_model = ir.load(args.model)
