@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-cuda install sanitize clean
+.PHONY: demo test test-slow test-cuda install sanitize bench-llm bench-vs-ort clean
 
 $(STAMP): pyproject.toml CMakeLists.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The benchmarks recorded in docs/BENCHMARKS.md (tens of minutes on 2 cores).
+bench-llm: $(STAMP)
+	$(PY) bench/bench_llm.py --markdown bench-llm.md
+
+bench-vs-ort: $(STAMP)
+	$(PY) bench/bench_vs_ort.py --num-samples 32 --seq-len 256 --sym --markdown bench-vs-ort.md
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
