@@ -30,6 +30,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_gptq import custom_ops
 from onnx_gptq.errors import CalibrationError, ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ INLINE_BYTES_LIMIT = 64 << 20
 # ...and then every embedded tensor of at least this many bytes is.
 _INLINE_MIN_TENSOR_BYTES = 1 << 16
 
-CUSTOM_DOMAIN = "onnx_gptq"
 _PREFIX = "onnx_gptq_calib"
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 # Caller-supplied SessionOptions the custom-op library is already registered on.
@@ -533,21 +533,6 @@ def _external_files(model: onnx.ModelProto) -> set[str]:
     return files
 
 
-def _has_custom_nodes(model: onnx.ModelProto) -> bool:
-    def walk(nodes: Iterable[onnx.NodeProto]) -> bool:
-        for node in nodes:
-            if node.domain == CUSTOM_DOMAIN:
-                return True
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH and walk(attr.g.node):
-                    return True
-                if attr.type == onnx.AttributeProto.GRAPHS and any(walk(g.node) for g in attr.graphs):
-                    return True
-        return False
-
-    return walk(model.graph.node) or any(walk(f.node) for f in model.functions)
-
-
 def _session_providers(providers: Sequence[Provider]) -> list[Provider]:
     """Providers for the calibration session: CUDA named bare gets full-float32 GEMMs.
 
@@ -575,14 +560,9 @@ def _make_session(model: onnx.ModelProto, taps: list[_Tap], folder: Path | None,
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.log_severity_level = 3  # onnxruntime's "removing unused initializer" chatter
-    if _has_custom_nodes(aug):
-        try:
-            from onnx_gptq.custom_ops import library_path
-        except ImportError as exc:
-            raise ModelError(f"calibration: the model has {CUSTOM_DOMAIN} nodes but the custom-op "
-                             f"library cannot be loaded ({exc})") from exc
+    if custom_ops.uses_custom_ops(aug):
         if options not in _HAS_CUSTOM_OPS:  # registering twice fails the session
-            options.register_custom_ops_library(str(library_path()))
+            options.register_custom_ops_library(str(custom_ops.library_path()))
             _HAS_CUSTOM_OPS.add(options)
     keepalive: list[Any] = []
     if in_memory:

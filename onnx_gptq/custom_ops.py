@@ -68,6 +68,23 @@ def _candidates() -> list[pathlib.Path]:
     return found
 
 
+def uses_custom_ops(model: onnx.ModelProto) -> bool:
+    """Whether any node of `model` (main graph, subgraphs, local functions) is in our domain,
+    i.e. whether a session for it needs this library registered."""
+    def walk(nodes) -> bool:
+        for node in nodes:
+            if node.domain == DOMAIN:
+                return True
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH and walk(attr.g.node):
+                    return True
+                if attr.type == onnx.AttributeProto.GRAPHS and any(walk(g.node) for g in attr.graphs):
+                    return True
+        return False
+
+    return walk(model.graph.node) or any(walk(f.node) for f in model.functions)
+
+
 def library_path() -> pathlib.Path:
     """Path of the built custom-op library.
 

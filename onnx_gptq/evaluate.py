@@ -32,7 +32,6 @@ from onnx_gptq.errors import ConfigError, ModelError, UserError
 logger = logging.getLogger(__name__)
 
 #: The custom operator domain of ``onnx_gptq.GptqMatMul`` (docs/CUSTOM_OP.md).
-CUSTOM_DOMAIN = "onnx_gptq"
 #: Logit rows reduced at a time (a chunk of a [T, V] float32 tensor).
 ROW_CHUNK = 128
 
@@ -76,11 +75,9 @@ class EvalResult:
 def _has_custom_nodes(path: Path) -> bool:
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
-    nodes = list(proto.graph.node)
-    for function in proto.functions:
-        nodes.extend(function.node)
-    return any(node.domain == CUSTOM_DOMAIN for node in nodes)
+    from onnx_gptq.custom_ops import uses_custom_ops
+
+    return uses_custom_ops(onnx.load(str(path), load_external_data=False))
 
 
 def open_session(model: str | os.PathLike[str], *, providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -116,7 +113,7 @@ def open_session(model: str | os.PathLike[str], *, providers: Sequence[str] = ("
             try:
                 from onnx_gptq.custom_ops import make_session
             except ImportError as exc:
-                raise ModelError(f"model: {path} holds {CUSTOM_DOMAIN} custom-op nodes but the "
+                raise ModelError(f"model: {path} holds onnx_gptq custom-op nodes but the "
                                  f"custom-op library is not available ({exc})") from exc
             return make_session(str(path), providers=list(providers), sess_options=options)
         return ort.InferenceSession(str(path), options, providers=list(providers))

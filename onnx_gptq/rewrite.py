@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from onnx_gptq import model_io, pack
+from onnx_gptq import custom_ops, model_io, pack
 from onnx_gptq.config import Format
 from onnx_gptq.errors import ConfigError
 from onnx_gptq.qweight import QuantizedWeight
@@ -27,8 +27,8 @@ from onnx_gptq.targets import Target, WeightGroup
 logger = logging.getLogger(__name__)
 
 ORT_DOMAIN = "com.microsoft"
-CUSTOM_DOMAIN = "onnx_gptq"
-CUSTOM_OP_TYPE = "GptqMatMul"
+CUSTOM_DOMAIN = custom_ops.DOMAIN
+CUSTOM_OP_TYPE = custom_ops.OP_TYPE
 QDQ_MIN_OPSET = 21
 _ORT_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 

@@ -45,6 +45,7 @@ import onnxruntime as ort
 from onnx_gptq import calibrate
 from onnx_gptq.calibrate import HessianStats
 from onnx_gptq.errors import CalibrationError, ModelError
+from onnx_gptq import custom_ops
 from onnx_gptq.report import PhaseTimer
 from onnx_gptq.targets import WeightGroup, module_names
 
@@ -56,7 +57,6 @@ DEFAULT_MAX_CROSSING = 32
 # Layer index in a torch module path or node name: "model.layers.3.mlp", "/transformer/h.11/attn/..."
 _BLOCK_INDEX = re.compile(r"(?:^|[./_])(?:layers?|h|blocks?|decoder_layers?)[./_](\d+)(?=[./_]|$)")
 _EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
-_CUSTOM_DOMAIN = "onnx_gptq"
 
 SolveStage = Callable[[list[WeightGroup], dict[str, HessianStats]], None]
 
@@ -425,21 +425,14 @@ def _stage_proto(model: ir.Model, view: _StageView, examples: dict[str, list[np.
     return proto
 
 
-def _uses_custom_op(proto: onnx.ModelProto) -> bool:
-    return any(n.domain == _CUSTOM_DOMAIN for n in proto.graph.node) or \
-        any(n.domain == _CUSTOM_DOMAIN for f in proto.functions for n in f.node)
-
-
 def _forward_session(proto: onnx.ModelProto, model_dir: Path | None,
                      providers: Sequence[str]) -> ort.InferenceSession:
     """An onnxruntime session over a stage submodel (custom-op library registered when needed)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.log_severity_level = 3
-    if _uses_custom_op(proto):
-        from onnx_gptq.custom_ops import session_options
-
-        session_options(options)  # raises CustomOpsLibraryError (a UserError) naming the missing library
+    if custom_ops.uses_custom_ops(proto):
+        custom_ops.session_options(options)  # raises CustomOpsLibraryError (a UserError) naming the missing library
     if model_dir is not None and any(t.data_location == onnx.TensorProto.EXTERNAL
                                      for t in proto.graph.initializer):
         options.add_session_config_entry(_EXTERNAL_FOLDER_KEY, str(Path(model_dir).resolve()))

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_gptq import calibrate
+from onnx_gptq import calibrate, custom_ops
 from onnx_gptq.calibrate import HessianStats, collect_hessians
 from onnx_gptq.errors import CalibrationError, ConfigError, ModelError
 
@@ -278,13 +278,13 @@ def test_custom_domain_nodes_are_detected_in_subgraphs_and_functions() -> None:
     custom = helper.make_node("GptqMatMul", ["a", "b"], ["c"], domain="onnx_gptq")
     body = helper.make_graph([custom], "body", [], [helper.make_tensor_value_info("c", TensorProto.FLOAT, None)])
     model = _mlp()
-    assert not calibrate._has_custom_nodes(model)
+    assert not custom_ops.uses_custom_ops(model)
     model.graph.node.append(helper.make_node("If", ["cond"], ["o"], then_branch=body, else_branch=body))
-    assert calibrate._has_custom_nodes(model)
+    assert custom_ops.uses_custom_ops(model)
     with_function = _mlp()
     with_function.functions.append(helper.make_function("local", "F", ["a", "b"], ["c"], [custom],
                                                         [helper.make_opsetid("onnx_gptq", 1)]))
-    assert calibrate._has_custom_nodes(with_function)
+    assert custom_ops.uses_custom_ops(with_function)
 
 
 def test_providers_are_checked_and_cuda_gets_full_float32() -> None:
