@@ -42,7 +42,6 @@ def _group_hessian(group: targets.WeightGroup, stats: dict[str, Any]) -> tuple[n
     return total.hessian(), total.rows
 
 
-
 def hessian_bytes(k: int) -> int:
     """Bytes held per calibrated activation of width k: a float64 accumulator
     plus onnxruntime's float32 per-batch output."""
