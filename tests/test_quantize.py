@@ -90,3 +90,20 @@ def test_report_json_has_every_layer(tiny_gpt2_onnx, calib_ids, tmp_path):
     assert {s["reason"] for s in data["skipped"]} >= {
         "output head stays float (use --quantize-head, or name it in --include)"}
     assert {"calibrate", "solve", "save"} <= set(data["phases"])
+
+
+def test_large_outputs_get_external_data(tiny_llama_onnx, calib_ids, tmp_path, monkeypatch):
+    """Above the protobuf-safe size the output gets <name>.data beside it, and it loads and runs."""
+    from onnx_gptq import model_io
+
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1024)  # stand-in for 2 GB
+    out = quantize(tiny_llama_onnx, calib_ids, QuantConfig(bits=4, group_size=32), calib=CALIB,
+                   output=tmp_path / "big.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    proto = onnx.load(str(out), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    monkeypatch.undo()
+    small = quantize(tiny_llama_onnx, calib_ids, QuantConfig(bits=4, group_size=32), calib=CALIB,
+                     output=tmp_path / "small.onnx")
+    assert not (tmp_path / "small.onnx.data").exists()
+    np.testing.assert_array_equal(run(ir.load(out), FEEDS), run(ir.load(small), FEEDS))
