@@ -1,17 +1,23 @@
 """Reading and writing models: clear errors, lazy weights, atomic output.
 
 Weights stay lazy: `onnx_ir.load` memory-maps external data, so a tensor is
-read only when the solver asks for it or the writer copies it.
+read only when the solver asks for it or the writer copies it. Packed weights
+go to disk as the solver produces them (`PackedWeightFile`, in the output's
+staging directory), so neither side of a large model is ever held in memory
+whole; `save_atomic` then copies both into the output file by file ranges.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -119,30 +125,88 @@ def _tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
-def save_atomic(model: ir.Model, path: Path) -> int:
+class PackedWeightFile:
+    """An append-only file that packed tensors are written to as they are produced.
+
+    Each call stores one array and returns an `onnx_ir.ExternalTensor` reading
+    it back lazily, so packed weights cost disk, not memory, until the output
+    is written. The file lives in a staging directory (see `staging_dir`).
+    """
+
+    ALIGN = 64
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.location = "packed_weights.bin"
+        self._file = open(directory / self.location, "wb")  # noqa: SIM115 - closed in close()
+        self.offset = 0
+
+    def __call__(self, array: np.ndarray, name: str) -> ir.ExternalTensor:
+        array = np.ascontiguousarray(array)
+        padding = -self.offset % self.ALIGN
+        if padding:
+            self._file.write(bytes(padding))
+            self.offset += padding
+        offset = self.offset
+        try:
+            array.tofile(self._file)
+            self._file.flush()
+        except OSError as exc:
+            raise OutputError(f"cannot write packed weights to '{self.directory}': "
+                              f"{exc.strerror or exc}") from None
+        self.offset += array.nbytes
+        return ir.ExternalTensor(self.location, offset, array.nbytes, ir.DataType.from_numpy(array.dtype),
+                                 shape=ir.Shape(array.shape), name=name, base_dir=str(self.directory))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@contextlib.contextmanager
+def staging_dir(path: Path) -> Iterator[Path]:
+    """A private directory beside `path` for everything written before the output is complete.
+
+    Removed on exit, whether the run succeeded or not.
+    """
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".onnx-gptq-", dir=directory))
+    except OSError as exc:
+        raise OutputError(f"cannot write in '{directory}': {exc.strerror or exc}") from None
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_atomic(model: ir.Model, path: Path, staging: Path | None = None) -> int:
     """Write `model` to `path` all at once: either the whole result appears or nothing.
 
     Models whose tensors exceed protobuf's 2 GiB limit get an external data file
-    `<name>.data` beside them. Returns the bytes written.
+    `<name>.data` beside them. The files are written in `staging` (a fresh
+    directory beside `path` when None) and renamed into place. Returns the
+    bytes written.
     """
+    if staging is None:
+        with staging_dir(path) as tmp:
+            return save_atomic(model, path, tmp)
     directory = path.parent if str(path.parent) else Path(".")
     external = _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = f"{path.name}.data"
     if not external:
-        # Tensors still memory-mapped from the input's data file must be
-        # embedded, or the output would point at a file beside the input.
+        # Tensors still on disk (memory-mapped from the input's data file, or
+        # packed weights in the staging directory) must be embedded, or the
+        # output would point at files that are not beside it.
         ir.external_data.load_to_model(model)
-    tmp = Path(tempfile.mkdtemp(prefix=".onnx-gptq-", dir=directory))
+    out = Path(tempfile.mkdtemp(prefix="out-", dir=staging))
     try:
-        tmp_model = tmp / path.name
+        tmp_model = out / path.name
         ir.save(model, tmp_model, external_data=data_name if external else None)
         written = tmp_model.stat().st_size
         if external:
-            written += (tmp / data_name).stat().st_size
-            os.replace(tmp / data_name, directory / data_name)
+            written += (out / data_name).stat().st_size
+            os.replace(out / data_name, directory / data_name)
         os.replace(tmp_model, path)
     except OSError as exc:
         raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return written

@@ -97,8 +97,10 @@ class _Solver:
     """Solves weight groups (several at once with `jobs` > 1) and rewrites them in graph order."""
 
     def __init__(self, model: ir.Model, config: QuantConfig, report: Report, phase: PhaseTimer,
-                 jobs: int, device: str | None, progress: bool, total: int) -> None:
+                 jobs: int, device: str | None, progress: bool, total: int,
+                 store: rewrite.TensorStore | None = None) -> None:
         self.model, self.config, self.report, self.phase = model, config, report, phase
+        self.store = store
         self.jobs, self.device = max(1, jobs), device
         self.taken: set[str] = set()
         self.progress, self.total = progress, total
@@ -145,7 +147,8 @@ class _Solver:
                 if why:
                     self.report.format_notes.append(f"{group.name}: written as {fmt.value} ({why})")
                 rewrite.rewrite_group(self.model, group, result.qweight, fmt,
-                                      accuracy_level=self.config.accuracy_level, taken_names=self.taken)
+                                      accuracy_level=self.config.accuracy_level, taken_names=self.taken,
+                                      store=self.store)
             k, n = group.shape
             self.report.layers.append(LayerRow(
                 name=group.name, module=group.targets[0].module, nodes=[t.name for t in group.targets],
@@ -162,8 +165,8 @@ class _Solver:
 
 def quantize_model(model: ir.Model, calibration: Any, config: QuantConfig, *, calib: CalibConfig,
                    model_dir: Path | None = None, tokenizer: str | os.PathLike | None = None,
-                   jobs: int = 1, device: str | None = None,
-                   progress: bool = False) -> tuple[ir.Model, Report]:
+                   jobs: int = 1, device: str | None = None, progress: bool = False,
+                   store: rewrite.TensorStore | None = None) -> tuple[ir.Model, Report]:
     """Quantize `model` (in place, unless it must first be converted to a newer opset).
 
     Args:
@@ -177,6 +180,8 @@ def quantize_model(model: ir.Model, calibration: Any, config: QuantConfig, *, ca
         jobs: weights solved concurrently.
         device: torch device for the solver (None: CUDA if available, else CPU).
         progress: show progress bars.
+        store: makes the packed tensors (default: in memory; see
+            `model_io.PackedWeightFile`).
     Returns:
         The quantized model (the same object unless the qdq format needed an
         opset conversion) and the run's report.
@@ -192,7 +197,7 @@ def quantize_model(model: ir.Model, calibration: Any, config: QuantConfig, *, ca
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in skips[:5]) or "it has no MatMul or Gemm"
         raise ModelError(f"nothing to quantize in the model ({reasons})")
 
-    solver = _Solver(model, config, report, phase, jobs, device, progress, total=len(groups))
+    solver = _Solver(model, config, report, phase, jobs, device, progress, total=len(groups), store=store)
     try:
         if config.algo is not Algo.GPTQ:
             solver(groups, {})
@@ -262,12 +267,18 @@ def quantize_with_report(model: ModelLike, calibration: Any = None, config: Quan
         source = Path(model)
         destination = model_io.check_output_path(source, Path(output))
         loaded, size_before = model_io.load(source)
-        loaded, run = quantize_model(loaded, _resolve_calibration(calibration, source, calib), config,
-                                     calib=calib, model_dir=source.parent, tokenizer=tokenizer,
-                                     jobs=jobs, device=device, progress=progress)
-        run.size_before = size_before
-        with PhaseTimer(run.phases)("save"):
-            run.size_after = model_io.save_atomic(loaded, destination)
+        with model_io.staging_dir(destination) as staging:
+            # Packed weights go to disk as they are produced (bounded memory).
+            packed = model_io.PackedWeightFile(staging)
+            try:
+                loaded, run = quantize_model(loaded, _resolve_calibration(calibration, source, calib), config,
+                                             calib=calib, model_dir=source.parent, tokenizer=tokenizer,
+                                             jobs=jobs, device=device, progress=progress, store=packed)
+            finally:
+                packed.close()
+            run.size_before = size_before
+            with PhaseTimer(run.phases)("save"):
+                run.size_after = model_io.save_atomic(loaded, destination, staging)
         result: ModelLike = destination
     elif isinstance(model, onnx.ModelProto):
         loaded = ir.serde.deserialize_model(model)

@@ -13,6 +13,7 @@ and zero points unchanged; they are shared by all consumers of one weight.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -68,15 +69,23 @@ def _unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
     return name
 
 
+#: Turns a new initializer's array into the tensor the graph holds (e.g. one written to disk).
+TensorStore = Callable[[np.ndarray, str], ir.TensorProtocol]
+
+
+def _in_memory(array: np.ndarray, name: str) -> ir.TensorProtocol:
+    return ir.Tensor(np.ascontiguousarray(array), name=name)
+
+
 class _Builder:
     """Adds initializers with unique names derived from a weight's name."""
 
-    def __init__(self, graph: ir.Graph, base: str, taken: set[str]) -> None:
-        self.graph, self.base, self.taken = graph, base, taken
+    def __init__(self, graph: ir.Graph, base: str, taken: set[str], store: TensorStore) -> None:
+        self.graph, self.base, self.taken, self.store = graph, base, taken, store
 
     def initializer(self, suffix: str, array: np.ndarray) -> ir.Value:
         name = _unique_name(self.graph, f"{self.base}_{suffix}", self.taken)
-        tensor = ir.Tensor(np.ascontiguousarray(array), name=name)
+        tensor = self.store(array, name)
         value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
                          const_value=tensor)
         self.graph.register_initializer(value)
@@ -203,7 +212,8 @@ def _rewrite_qdq(group: WeightGroup, qw: QuantizedWeight, builder: _Builder) -> 
 
 
 def rewrite_group(model: ir.Model, group: WeightGroup, qw: QuantizedWeight, fmt: Format,
-                  *, accuracy_level: int = 0, taken_names: set[str] | None = None) -> None:
+                  *, accuracy_level: int = 0, taken_names: set[str] | None = None,
+                  store: TensorStore | None = None) -> None:
     """Replace every consumer of `group`'s weight by the packed form of `qw`.
 
     Args:
@@ -213,8 +223,11 @@ def rewrite_group(model: ir.Model, group: WeightGroup, qw: QuantizedWeight, fmt:
         fmt: a concrete format (not AUTO; see `choose_format`).
         accuracy_level: MatMulNBits accuracy_level (ort format).
         taken_names: names already used by earlier rewrites (updated).
+        store: makes the tensor of each new initializer (default: in memory;
+            `model_io.PackedWeightFile` writes them to disk instead).
     """
-    builder = _Builder(model.graph, group.name, taken_names if taken_names is not None else set())
+    builder = _Builder(model.graph, group.name, taken_names if taken_names is not None else set(),
+                       store or _in_memory)
     if fmt is Format.ORT:
         _rewrite_ort(group, qw, builder, accuracy_level)
         model.opset_imports.setdefault(ORT_DOMAIN, 1)

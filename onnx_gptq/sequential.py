@@ -24,7 +24,8 @@ without re-running the whole model per block:
 
 Stage submodels never copy the float weights: external tensors stay
 references to the user's data files (`model_dir`), and only tensors that live
-in memory (packed weights, small models) are embedded.
+elsewhere (packed weights, in memory or in the run's staging file; small
+models) are embedded.
 """
 
 from __future__ import annotations
@@ -382,8 +383,19 @@ def _value_info(value: ir.Value, arrays: Sequence[np.ndarray] | None = None) -> 
     return ir.serde.serialize_value(value)
 
 
+def _stage_tensor(tensor: ir.TensorProtocol, model_dir: Path | None) -> onnx.TensorProto:
+    """`tensor` as the stage session can read it: a reference if it lives in `model_dir`'s
+    data files, else its bytes (packed weights this run wrote to its staging directory)."""
+    if isinstance(tensor, ir.ExternalTensor) and (
+            model_dir is None or Path(tensor.base_dir).resolve() != Path(model_dir).resolve()):
+        embedded = ir.serde.serialize_tensor(ir.Tensor(tensor.numpy().copy(), name=tensor.name))
+        tensor.release()
+        return embedded
+    return ir.serde.serialize_tensor(tensor)
+
+
 def _stage_proto(model: ir.Model, view: _StageView, examples: dict[str, list[np.ndarray]],
-                 outputs: Sequence[ir.Value]) -> onnx.ModelProto:
+                 outputs: Sequence[ir.Value], model_dir: Path | None) -> onnx.ModelProto:
     """A ModelProto of one stage: inputs are its crossing tensors, weights stay external references.
 
     Args:
@@ -391,6 +403,7 @@ def _stage_proto(model: ir.Model, view: _StageView, examples: dict[str, list[np.
         view: the stage's nodes and boundary tensors.
         examples: input name -> its cached arrays, one per batch (for dtype and shape).
         outputs: the graph outputs to declare.
+        model_dir: the directory the session reads external data from.
     """
     graph = onnx.GraphProto(name="onnx_gptq_stage")
     read: dict[str, ir.Value] = {}
@@ -408,7 +421,7 @@ def _stage_proto(model: ir.Model, view: _StageView, examples: dict[str, list[np.
             continue
         if value.const_value is not None and (value.is_initializer() or value.producer() is None):
             seen.add(value_name)
-            tensor = ir.serde.serialize_tensor(value.const_value)
+            tensor = _stage_tensor(value.const_value, model_dir)
             tensor.name = value_name
             graph.initializer.append(tensor)
     declared = {v.name for v in [*view.inputs, *outputs]}
@@ -601,7 +614,7 @@ def _run_stage(model: ir.Model, partition: Partition, stage: Stage, cache: Activ
     if stage.groups:
         activations = sorted({t.activation.name for g in stage.groups for t in g.targets})
         with clock("sequential:calibrate"):
-            proto = _stage_proto(model, view, examples, outputs=[])
+            proto = _stage_proto(model, view, examples, outputs=[], model_dir=model_dir)
             stats = calibrate.collect_hessians(proto, activations, feeds, model_dir=model_dir,
                                                providers=providers, progress=progress)
             del proto
@@ -623,7 +636,7 @@ def _forward(model: ir.Model, view: _StageView, examples: dict[str, list[np.ndar
              feeds: list[dict[str, np.ndarray]], cache: ActivationCache, index: int, model_dir: Path | None,
              providers: Sequence[str]) -> None:
     """Run the (quantized) stage on every batch and cache the outputs later stages read."""
-    proto = _stage_proto(model, view, examples, outputs=view.outputs)
+    proto = _stage_proto(model, view, examples, outputs=view.outputs, model_dir=model_dir)
     session = _forward_session(proto, model_dir, providers)
     del proto
     output_names = [v.name for v in view.outputs]

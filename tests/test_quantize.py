@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -107,3 +108,47 @@ def test_large_outputs_get_external_data(tiny_llama_onnx, calib_ids, tmp_path, m
                      output=tmp_path / "small.onnx")
     assert not (tmp_path / "small.onnx.data").exists()
     np.testing.assert_array_equal(run(ir.load(out), FEEDS), run(ir.load(small), FEEDS))
+
+
+def test_packed_weight_file_reads_back_every_array(tmp_path):
+    from onnx_gptq import model_io
+
+    store = model_io.PackedWeightFile(tmp_path)
+    arrays = [np.arange(7, dtype=np.uint8), np.linspace(-1, 1, 12, dtype=np.float16).reshape(3, 4),
+              np.arange(10, dtype=np.float32).reshape(5, 2), np.array([3], np.int32)]
+    tensors = [store(a, f"t{i}") for i, a in enumerate(arrays)]
+    store.close()
+    for array, tensor in zip(arrays, tensors):
+        assert isinstance(tensor, ir.ExternalTensor) and tensor.offset % store.ALIGN == 0
+        assert tensor.dtype == ir.DataType.from_numpy(array.dtype) and tuple(tensor.shape.numpy()) == array.shape
+        np.testing.assert_array_equal(tensor.numpy(), array)
+    assert (tmp_path / store.location).stat().st_size == tensors[-1].offset + 4
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["one-pass", "sequential"])
+def test_packed_weights_are_on_disk_until_saved(tiny_llama_onnx, calib_ids, tmp_path, monkeypatch, sequential):
+    """A path-to-path run writes each packed tensor to the staging file as it is produced
+    (nothing packed is held in memory), and the result equals the all-in-memory run."""
+    from onnx_gptq import model_io
+
+    calib = CalibConfig(num_samples=8, seq_len=32, batch_size=4, sequential=sequential)
+    config = QuantConfig(bits=4, group_size=32)
+    seen = {}
+    save = model_io.save_atomic
+
+    def checking_save(model, path, staging=None):
+        packed = [v for n in model.graph if n.op_type == "MatMulNBits" for v in n.inputs[1:] if v is not None]
+        seen["packed"] = len(packed)
+        seen["on_disk"] = sum(isinstance(v.const_value, ir.ExternalTensor)
+                              and Path(v.const_value.base_dir) == staging for v in packed)
+        return save(model, path, staging)
+
+    monkeypatch.setattr(model_io, "save_atomic", checking_save)
+    out = quantize(tiny_llama_onnx, calib_ids, config, calib=calib, output=tmp_path / "q.onnx")
+    assert seen["packed"] == 14 * 3 and seen["on_disk"] == seen["packed"]  # B, scales, zero points
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]  # staging directory removed
+    in_memory = quantize(ir.load(tiny_llama_onnx), calib_ids, config, calib=calib)
+    saved = ir.load(out)
+    for name, value in in_memory.graph.initializers.items():
+        np.testing.assert_array_equal(saved.graph.initializers[name].const_value.numpy(),
+                                      value.const_value.numpy())
