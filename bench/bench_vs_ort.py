@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnx_gptq import calib_data, calibrate, pack, targets  # noqa: E402
+from onnx_gptq import calib_data, calibrate, rewrite, targets  # noqa: E402
 from onnx_gptq.config import CalibConfig, QuantConfig  # noqa: E402
 from onnx_gptq.quantize import quantize_with_report  # noqa: E402
 from onnx_gptq.solve import relative_error  # noqa: E402
@@ -53,23 +52,7 @@ def weights_of_matmulnbits(path: Path, suffix: str) -> dict[str, np.ndarray]:
     `suffix` is a regex for what the quantizer appended to the weight's name
     (ours: "_B"; onnxruntime's RTN: "_Q4", its GPTQ: "_Q4G128").
     """
-    return _weights(path, re.compile(suffix + "$"))
-
-
-def _weights(path: Path, suffix: "re.Pattern[str]") -> dict[str, np.ndarray]:
-    model = onnx.load(str(path))
-    inits = {t.name: t for t in model.graph.initializer}
-    out: dict[str, np.ndarray] = {}
-    for node in model.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        attrs = {a.name: a.i for a in node.attribute if a.name in ("K", "N", "bits", "block_size")}
-        arr = lambda i: onnx.numpy_helper.to_array(inits[node.input[i]]) if len(node.input) > i and node.input[i] else None  # noqa: E731
-        t = pack.MatMulNBitsTensors(B=arr(1), scales=arr(2).astype(np.float32), zero_points=arr(3), **attrs)
-        qw = pack.unpack_matmulnbits(t, group_size=min(attrs["block_size"], attrs["K"]))
-        name = node.input[1]
-        out[suffix.sub("", name)] = qw.dequantize()
-    return out
+    return {name: qw.dequantize() for name, qw in rewrite.read_packed(ir.load(path), suffix).items()}
 
 
 def _reader(batches: list[dict[str, np.ndarray]]):

@@ -249,3 +249,42 @@ def remove_unused(model: ir.Model) -> None:
     graph = model.graph
     for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
         graph.initializers.pop(name)
+
+
+def read_packed(model: ir.Model, suffix: str = "_B") -> dict[str, QuantizedWeight]:
+    """The quantized weights held by a model's MatMulNBits and GptqMatMul nodes.
+
+    The inverse of `rewrite_group` for the ort and custom formats (also reads
+    MatMulNBits nodes other quantizers wrote).
+
+    Args:
+        model: a quantized model.
+        suffix: regex for what the quantizer appended to the weight's name on
+            its packed `B` input (ours "_B"; onnxruntime's quantizer "_Q4" or "_Q4G128").
+    Returns:
+        Original weight name -> the weight, [N, K], scales as float32.
+    """
+    import re
+
+    strip = re.compile(f"(?:{suffix})$")
+    found: dict[str, QuantizedWeight] = {}
+    for node in model.graph.all_nodes():
+        if (node.domain, node.op_type) not in ((ORT_DOMAIN, "MatMulNBits"), (CUSTOM_DOMAIN, CUSTOM_OP_TYPE)):
+            continue
+
+        def const(i: int, node: ir.Node = node) -> np.ndarray | None:
+            value = node.inputs[i] if len(node.inputs) > i else None
+            return None if value is None or value.const_value is None else value.const_value.numpy()
+
+        attrs = {a: node.attributes.get_int(a) for a in ("K", "N", "bits", "block_size")}
+        scales = const(2)
+        assert scales is not None, f"{node.name}: scales are not a constant"
+        if node.op_type == "MatMulNBits":
+            qw = pack.unpack_matmulnbits(
+                pack.MatMulNBitsTensors(B=const(1), scales=scales.astype(np.float32), zero_points=const(3), **attrs),
+                group_size=min(attrs["block_size"], attrs["K"]))
+        else:
+            qw = pack.unpack_custom(pack.CustomOpTensors(B=const(1), scales=scales.astype(np.float32),
+                                                         zero_points=const(3), g_idx=const(4), **attrs))
+        found[strip.sub("", node.inputs[1].name or "")] = qw
+    return found

@@ -13,9 +13,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from onnx_gptq import custom_ops, pack
+from onnx_gptq import custom_ops
 from onnx_gptq.config import CalibConfig, QuantConfig
 from onnx_gptq.quantize import quantize, quantize_with_report
+from onnx_gptq.rewrite import read_packed
 from tests.test_rewrite import FEEDS, dequantized_reference, run
 
 CALIB = CalibConfig(num_samples=8, seq_len=32, batch_size=4)
@@ -27,27 +28,13 @@ def run_with_library(model: ir.Model) -> np.ndarray:
     return session.run(None, FEEDS)[0]
 
 
-def custom_op_weights(model: ir.Model) -> dict[str, np.ndarray]:
-    """Dequantized [N, K] weights of every GptqMatMul node, by original weight name."""
-    found = {}
-    for node in model.graph:
-        if node.op_type != custom_ops.OP_TYPE:
-            continue
-        value = lambda i: (node.inputs[i].const_value.numpy()  # noqa: E731
-                           if len(node.inputs) > i and node.inputs[i] is not None else None)
-        t = pack.CustomOpTensors(B=value(1), scales=value(2), zero_points=value(3), g_idx=value(4),
-                                 **{a: node.attributes.get_int(a) for a in ("K", "N", "bits", "block_size")})
-        found[node.inputs[1].name.removesuffix("_B")] = pack.unpack_custom(t)
-    return found
-
-
 @pytest.mark.parametrize("act_order,static", [(False, True), (True, True), (True, False)])
 def test_three_bit_custom_equals_dequantized_reference(tiny_lm_onnx, calib_ids, tmp_path, act_order, static):
     which, path = tiny_lm_onnx
     config = QuantConfig(bits=3, group_size=32, act_order=act_order, static_groups=static, format="custom")
     out = quantize(path, calib_ids, config, calib=CALIB, output=tmp_path / "q3.onnx")
     model = ir.load(out)
-    weights = custom_op_weights(model)
+    weights = read_packed(model)
     assert len(weights) == (14 if which == "llama" else 8)
     assert all((w.g_idx is not None) == (act_order and not static) for w in weights.values())
     got = run_with_library(model)

@@ -10,29 +10,13 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnx_gptq import pack
 from onnx_gptq.config import CalibConfig, QuantConfig
 from onnx_gptq.quantize import plan_passes, quantize, quantize_with_report
+from onnx_gptq.rewrite import read_packed
 from onnx_gptq import targets
 from tests.test_rewrite import FEEDS, dequantized_reference, run
 
 CALIB = CalibConfig(num_samples=8, seq_len=32, batch_size=4)
-
-
-def matmulnbits_weights(model: ir.Model, group_size: int) -> dict[str, np.ndarray]:
-    """Dequantized [N, K] weights read back out of every MatMulNBits node, by weight name."""
-    found = {}
-    for node in model.graph:
-        if node.op_type != "MatMulNBits":
-            continue
-        attrs = {a: node.attributes.get_int(a) for a in ("K", "N", "bits", "block_size")}
-        zp = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3] is not None else None
-        t = pack.MatMulNBitsTensors(
-            B=node.inputs[1].const_value.numpy(), scales=node.inputs[2].const_value.numpy(),
-            zero_points=None if zp is None else zp.const_value.numpy(), **attrs)
-        name = node.inputs[1].name.removesuffix("_B")
-        found[name] = pack.unpack_matmulnbits(t, min(group_size, attrs["K"]) if group_size > 0 else attrs["K"])
-    return found
 
 
 def test_ort_output_equals_float_model_with_dequantized_weights(tiny_lm_onnx, calib_ids, tmp_path):
@@ -41,7 +25,7 @@ def test_ort_output_equals_float_model_with_dequantized_weights(tiny_lm_onnx, ca
     out, report = quantize_with_report(path, calib_ids, config, calib=CALIB, output=tmp_path / "q.onnx")
     assert out == tmp_path / "q.onnx"
     quantized = ir.load(out)
-    qweights = matmulnbits_weights(quantized, 32)
+    qweights = read_packed(quantized)
     assert len(qweights) == len(report.layers) == (14 if which == "llama" else 8)
     got = run(quantized, FEEDS)
     want = run(dequantized_reference(path, config, qweights), FEEDS)
