@@ -218,6 +218,9 @@ def _child_speed(model: str, prompt_len: int) -> dict[str, Any]:
             "decode_tok_s": 1.0 / decode, "run_rss_mb": _peak_rss_mb()}
 
 
+_RESULT = "@@bench_llm result: "
+
+
 class ChildFailed(RuntimeError):
     """A child process exited non-zero; `reason` is the last line of its stderr."""
 
@@ -234,7 +237,11 @@ def _in_child(*args: str) -> dict[str, Any]:
                           capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise ChildFailed(args[0], done.stderr)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # Libraries may print to stdout too (onnxruntime's quantizer does): take our marked line.
+    results = [ln[len(_RESULT):] for ln in done.stdout.splitlines() if ln.startswith(_RESULT)]
+    if not results:
+        raise ChildFailed(args[0], f"no result line in its output:\n{done.stdout[-2000:]}\n{done.stderr}")
+    return json.loads(results[-1])
 
 
 # ---------------------------------------------------------------------------
@@ -410,10 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_quantize":
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        print(json.dumps(_child_quantize(json.loads(argv[1]))))
+        print(_RESULT + json.dumps(_child_quantize(json.loads(argv[1]))), flush=True)
         return 0
     if argv and argv[0] == "_speed":
-        print(json.dumps(_child_speed(argv[1], int(argv[2]))))
+        print(_RESULT + json.dumps(_child_speed(argv[1], int(argv[2]))), flush=True)
         return 0
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
