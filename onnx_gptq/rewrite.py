@@ -43,7 +43,8 @@ def choose_format(requested: Format, qw: QuantizedWeight, dtype: ir.DataType, la
         dtype: the dtype the consuming nodes compute in.
         layer: the weight's name, for errors.
     Returns:
-        (format, reason); reason is "" unless AUTO had to fall back to CUSTOM.
+        (format, reason); reason is "" unless AUTO chose CUSTOM (MatMulNBits cannot
+        hold the weight, or runs it slowly: 2 bits).
     Raises:
         ConfigError: an explicit 'ort' format that cannot hold this weight.
     """
@@ -52,6 +53,10 @@ def choose_format(requested: Format, qw: QuantizedWeight, dtype: ir.DataType, la
     reason = pack.can_pack_matmulnbits(qw)
     if reason is None and dtype not in _ORT_DTYPES:
         reason = f"{dtype} activations"
+    if reason is None and requested is Format.AUTO and qw.bits == 2:
+        # Measured (docs/BENCHMARKS.md): onnxruntime 1.32 runs 2-bit MatMulNBits through a
+        # slow reference path on CPU, 60-250x slower than GptqMatMul at batch 1.
+        return Format.CUSTOM, "MatMulNBits' 2-bit CPU kernel is a slow fallback"
     if reason is None:
         return Format.ORT, ""
     if requested is Format.ORT:

@@ -63,6 +63,11 @@ def test_auto_mixes_formats_and_says_why(tiny_llama_onnx, calib_ids, tmp_path):
     out, report = quantize_with_report(tiny_llama_onnx, calib_ids, QuantConfig(bits=3, group_size=-1),
                                        calib=CALIB, output=tmp_path / "auto3.onnx")
     assert {row.format for row in report.layers} == {"custom"}
+    # 2 bits fit MatMulNBits, but its CPU kernel for them is a slow fallback: auto takes ours.
+    out, report = quantize_with_report(tiny_llama_onnx, calib_ids, QuantConfig(bits=2, group_size=32),
+                                       calib=CALIB, output=tmp_path / "auto2.onnx")
+    assert {row.format for row in report.layers} == {"custom"}
+    assert all("2-bit CPU kernel is a slow fallback" in note for note in report.format_notes)
     out, report = quantize_with_report(tiny_llama_onnx, calib_ids, QuantConfig(bits=4, group_size=32),
                                        calib=CALIB, output=tmp_path / "auto4.onnx")
     assert {row.format for row in report.layers} == {"ort"}
