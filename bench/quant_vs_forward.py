@@ -3,7 +3,7 @@
     python bench/quant_vs_forward.py [--samples 128] [--seq-len 512]
 
 The forward pass runs the fp32 model (logits included) over the calibration
-windows in batches of 4, as calibration does; quantization is the whole
+windows in batches of calibration's default size; quantization is the whole
 `onnx_gptq.quantize` call (load, calibrate, solve, pack, write), W4 g128.
 """
 from __future__ import annotations
@@ -43,17 +43,18 @@ def main() -> None:
     ids_path = work / f"ids_{args.samples}x{args.seq_len}.npy"
     np.save(ids_path, windows)
 
+    calib = CalibConfig(num_samples=args.samples, seq_len=args.seq_len)
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     start = time.perf_counter()
-    for b in range(0, len(windows), 4):
-        x = windows[b:b + 4]
+    for b in range(0, len(windows), calib.batch_size):
+        x = windows[b:b + calib.batch_size]
         session.run(None, {"input_ids": x, "attention_mask": np.ones_like(x)})
     forward = time.perf_counter() - start
     del session
 
     start = time.perf_counter()
     _, report = quantize_with_report(model, ids_path, QuantConfig(bits=4, group_size=128),
-                                     calib=CalibConfig(num_samples=args.samples, seq_len=args.seq_len),
+                                     calib=calib,
                                      output=work / "q4_timing.onnx")
     total = time.perf_counter() - start
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in report.phases.items())

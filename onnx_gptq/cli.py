@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--tokenizer", help="tokenizer.json, a transformers tokenizer directory, or a .gguf file")
     data.add_argument("--num-samples", type=int, default=CalibConfig.num_samples, help="sequences (default 128)")
     data.add_argument("--seq-len", type=int, default=CalibConfig.seq_len, help="tokens per sequence (default 512)")
-    data.add_argument("--batch-size", type=int, default=CalibConfig.batch_size, help="sequences per run (default 4)")
+    data.add_argument("--batch-size", type=int, default=CalibConfig.batch_size,
+                      help="sequences per onnxruntime run (default 1; a GPU may want more)")
     data.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
     data.add_argument("--sequential", action="store_true",
                       help="collect each block's Hessians with earlier blocks already quantized")
