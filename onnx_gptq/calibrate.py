@@ -562,7 +562,7 @@ def _make_session(model: onnx.ModelProto, taps: list[_Tap], folder: Path | None,
         options.log_severity_level = 3  # onnxruntime's "removing unused initializer" chatter
     if custom_ops.uses_custom_ops(aug):
         if options not in _HAS_CUSTOM_OPS:  # registering twice fails the session
-            options.register_custom_ops_library(str(custom_ops.library_path()))
+            custom_ops.session_options(options)
             _HAS_CUSTOM_OPS.add(options)
     keepalive: list[Any] = []
     if in_memory:

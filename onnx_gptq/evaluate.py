@@ -31,7 +31,6 @@ from onnx_gptq.errors import ConfigError, ModelError, UserError
 
 logger = logging.getLogger(__name__)
 
-#: The custom operator domain of ``onnx_gptq.GptqMatMul`` (docs/CUSTOM_OP.md).
 #: Logit rows reduced at a time (a chunk of a [T, V] float32 tensor).
 ROW_CHUNK = 128
 
@@ -110,11 +109,9 @@ def open_session(model: str | os.PathLike[str], *, providers: Sequence[str] = ("
     options.log_severity_level = 3
     try:
         if needs_library:
-            try:
-                from onnx_gptq.custom_ops import make_session
-            except ImportError as exc:
-                raise ModelError(f"model: {path} holds onnx_gptq custom-op nodes but the "
-                                 f"custom-op library is not available ({exc})") from exc
+            from onnx_gptq.custom_ops import make_session
+
+            # A missing library raises CustomOpsLibraryError (a UserError) saying how to build it.
             return make_session(str(path), providers=list(providers), sess_options=options)
         return ort.InferenceSession(str(path), options, providers=list(providers))
     except UserError:

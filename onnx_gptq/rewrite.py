@@ -13,6 +13,7 @@ and zero points unchanged; they are shared by all consumers of one weight.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -269,8 +270,6 @@ def read_packed(model: ir.Model, suffix: str = "_B") -> dict[str, QuantizedWeigh
     Returns:
         Original weight name -> the weight, [N, K], scales as float32.
     """
-    import re
-
     strip = re.compile(f"(?:{suffix})$")
     found: dict[str, QuantizedWeight] = {}
     for node in model.graph.all_nodes():
