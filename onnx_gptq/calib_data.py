@@ -453,7 +453,7 @@ def _tokenizer_of(tokenizer: Any, origin: str) -> Any:
                                "or a transformers tokenizer directory)")
     if not isinstance(tokenizer, (str, os.PathLike)) and hasattr(tokenizer, "encode"):
         return tokenizer  # an already-loaded tokenizer (a str path has .encode too)
-    from onnx_gptq.tokenizer import load_tokenizer
+    from onnx_gptq.tools.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer)
 

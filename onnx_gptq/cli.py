@@ -25,7 +25,7 @@ SUBCOMMANDS = ("export", "eval")
 
 
 def _providers(text: str) -> tuple[str, ...]:
-    from onnx_gptq.calibrate import check_providers, default_providers
+    from onnx_gptq.runtime.sessions import check_providers, default_providers
 
     if text == "auto":
         return default_providers()
@@ -138,9 +138,9 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 def _subcommand_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     if name == "export":
-        from onnx_gptq import export as module
+        from onnx_gptq.tools import export as module
     else:
-        from onnx_gptq import evaluate as module
+        from onnx_gptq.tools import evaluate as module
     parser = argparse.ArgumentParser(prog=f"onnx-gptq {name}")
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     module.configure_parser(parser)

@@ -11,9 +11,10 @@ import dataclasses
 import enum
 from typing import Any
 
+from onnx_gptq import contract
 from onnx_gptq.errors import ConfigError
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = contract.GPTQ_BITS
 
 
 class Algo(str, enum.Enum):
@@ -101,20 +102,20 @@ class QuantConfig:
             raise ConfigError(f"damp: {self.damp} must be in [0, 1)")
         if self.blocksize < 1:
             raise ConfigError(f"blocksize: {self.blocksize} must be positive")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
+        if self.accuracy_level not in contract.MATMULNBITS_ACCURACY_LEVELS:
             raise ConfigError(f"accuracy_level: {self.accuracy_level} must be 0..4")
-        if self.format is Format.ORT and self.bits == 3:
-            raise ConfigError("bits: 3-bit weights cannot be written as com.microsoft.MatMulNBits "
+        if self.format is Format.ORT and self.bits not in contract.MATMULNBITS_BITS:
+            raise ConfigError(f"bits: {self.bits}-bit weights cannot be written as com.microsoft.MatMulNBits "
                               "(format 'ort'); use --format custom or auto")
         if self.format is Format.ORT and self.group_size != -1:
             pow2 = self.group_size & (self.group_size - 1) == 0
-            if not pow2 or self.group_size < 16:
+            if not pow2 or self.group_size < contract.MATMULNBITS_MIN_BLOCK:
                 raise ConfigError(f"group_size: {self.group_size} cannot be written as com.microsoft.MatMulNBits "
                                   "(format 'ort' takes powers of two >= 16, or -1); use --format custom or auto")
-            if self.bits == 2 and self.group_size > 256:
+            if self.bits == 2 and self.group_size > contract.MATMULNBITS_MAX_BLOCK_2BIT:
                 raise ConfigError(f"group_size: 2-bit MatMulNBits takes groups of at most 256, not "
                                   f"{self.group_size}; use --format custom or auto")
-        if self.format is Format.QDQ and self.bits not in (4, 8):
+        if self.format is Format.QDQ and self.bits not in contract.QDQ_BITS:
             raise ConfigError(f"bits: {self.bits}-bit weights cannot be written as DequantizeLinear "
                               "(format 'qdq' takes 4 or 8); use --format custom or auto")
         needs_g_idx = self.act_order and not self.static_groups and self.group_size != -1

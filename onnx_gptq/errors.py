@@ -25,3 +25,10 @@ class ConfigError(UserError, ValueError):
 
 class OutputError(UserError):
     """The output path cannot be written (same as input, unwritable directory...)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (onnxruntime's and torch's run to
+    pages), or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

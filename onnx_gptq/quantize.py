@@ -219,8 +219,9 @@ def _calibrate_and_solve(model: ir.Model, groups: list[targets.WeightGroup], cal
                          calib: CalibConfig, model_dir: Path | None, tokenizer: str | os.PathLike | None,
                          solver: _Solver, phase: PhaseTimer, progress: bool) -> None:
     from onnx_gptq import calib_data, calibrate
+    from onnx_gptq.runtime import sessions
 
-    providers = calib.providers or calibrate.default_providers()
+    providers = calib.providers or sessions.default_providers()
     budget = calib.memory_budget or default_memory_budget()
     with phase("calibrate"):
         proto = model_io.to_proto(model)  # the float model: one-pass Hessians all come from it
@@ -231,7 +232,7 @@ def _calibrate_and_solve(model: ir.Model, groups: list[targets.WeightGroup], cal
 
     too_big = runtime_weight_bytes(model) > psutil.virtual_memory().available // 2
     if calib.sequential or too_big:
-        from onnx_gptq.sequential import run_sequential
+        from onnx_gptq.calibrate.sequential import run_sequential
 
         if too_big and not calib.sequential:
             logger.warning("the model's float weights exceed half the free memory: calibrating block by "
@@ -247,7 +248,7 @@ def _calibrate_and_solve(model: ir.Model, groups: list[targets.WeightGroup], cal
         with phase("calibrate"):
             # Each planned pass fits the budget, so onnxruntime runs it in one go.
             stats = calibrate.collect_hessians(proto, activations, batches, model_dir=model_dir,
-                                               providers=providers, max_output_bytes=budget,
+                                               providers=providers, memory_budget=budget,
                                                progress=progress)
         solver(chunk, stats)
         del stats
@@ -325,8 +326,8 @@ def quantize(model: ModelLike, calibration: Any = None, config: QuantConfig | No
 def _resolve_calibration(calibration: Any, model_path: Path, calib: CalibConfig) -> Any:
     """`"self"` means: sample calibration sequences from the float model itself."""
     if isinstance(calibration, str) and calibration == "self":
-        from onnx_gptq.calibrate import default_providers
-        from onnx_gptq.self_calib import generate_calibration
+        from onnx_gptq.runtime.sessions import default_providers
+        from onnx_gptq.tools.self_calib import generate_calibration
 
         return generate_calibration(model_path, num_samples=calib.num_samples, seq_len=calib.seq_len,
                                     seed=calib.seed, providers=calib.providers or default_providers())

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from onnx_gptq import custom_ops
+from onnx_gptq.runtime import custom_ops
 from onnx_gptq.pack import CustomOpTensors, pack_custom
 from onnx_gptq.qweight import QuantizedWeight
 

@@ -13,7 +13,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from onnx_gptq import custom_ops
+from onnx_gptq.runtime import custom_ops
 from onnx_gptq.config import CalibConfig, QuantConfig
 from onnx_gptq.quantize import quantize, quantize_with_report
 from onnx_gptq.rewrite import read_packed

@@ -1,4 +1,4 @@
-"""onnx_gptq.self_calib: sampled calibration ids follow the model's own distribution."""
+"""onnx_gptq.tools.self_calib: sampled calibration ids follow the model's own distribution."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_gptq.errors import CalibrationError, ConfigError
-from onnx_gptq.self_calib import generate_calibration
+from onnx_gptq.tools.self_calib import generate_calibration
 from tests import tiny_models
 
 V = 6

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from onnx_gptq.errors import ConfigError, ModelError, OutputError
+from onnx_gptq.errors import ConfigError, ModelError, OutputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def load_causal_lm(source: str | os.PathLike[str], *, gguf_file: str | None = No
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds on bad input
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(f"model: transformers cannot load {path}: {first}") from exc
     finally:
         hf_logging.set_verbosity(level)
@@ -391,8 +391,7 @@ def export_model(model: Any, output: str | os.PathLike[str], *, dtype: str = "fl
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    return f"{type(exc).__name__}: {first_line(exc) if str(exc).strip() else ''}"
 
 
 def check_export(wrapped: Any, path: Path, *, vocab: int, seq_len: int, takes_mask: bool,
@@ -417,18 +416,14 @@ def check_export(wrapped: Any, path: Path, *, vocab: int, seq_len: int, takes_ma
     Raises:
         ExportCheckError: the difference exceeds the tolerance, or the file does not run.
     """
-    import onnxruntime as ort
     import torch
+
+    from onnx_gptq.runtime import sessions
 
     other = seq_len + 5 if max_positions is None else min(seq_len + 5, max_positions)
     shapes = ((2, seq_len), (3, other))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own hierarchy
-        raise ExportCheckError(f"{path}: onnxruntime cannot load the exported model: "
-                               f"{_first_line(exc)}") from exc
+    session = sessions.make_session(path, providers=["CPUExecutionProvider"], custom_ops=False,
+                                    what=f"the exported model {path}", error=ExportCheckError)
     relative = 1e-4 if dtype == "float32" else 2e-2
     worst, tolerance = 0.0, 0.0
     generator = torch.Generator().manual_seed(1)
@@ -440,11 +435,8 @@ def check_export(wrapped: Any, path: Path, *, vocab: int, seq_len: int, takes_ma
         feeds = {"input_ids": ids.numpy()}
         if takes_mask:
             feeds["attention_mask"] = mask.numpy()
-        try:
-            got = session.run(["logits"], feeds)[0].astype(np.float32)
-        except Exception as exc:  # noqa: BLE001
-            raise ExportCheckError(f"{path}: onnxruntime fails on input shape "
-                                   f"[{batch}, {length}]: {_first_line(exc)}") from exc
+        got = session.run(["logits"], feeds, context=f"{path}: input shape [{batch}, {length}]",
+                          error=ExportCheckError)[0].astype(np.float32)
         if got.shape != expected.shape:
             raise ExportCheckError(f"{path}: logits shape {list(got.shape)} from onnxruntime, "
                                    f"{list(expected.shape)} from torch")

@@ -71,14 +71,6 @@ class EvalResult:
         return line
 
 
-def _has_custom_nodes(path: Path) -> bool:
-    import onnx
-
-    from onnx_gptq.custom_ops import uses_custom_ops
-
-    return uses_custom_ops(onnx.load(str(path), load_external_data=False))
-
-
 def open_session(model: str | os.PathLike[str], *, providers: Sequence[str] = ("CPUExecutionProvider",),
                  custom_ops: bool = True) -> Any:
     """An onnxruntime session for `model`, with our custom-op library when it needs it.
@@ -96,29 +88,20 @@ def open_session(model: str | os.PathLike[str], *, providers: Sequence[str] = ("
         ModelError: the file is missing or onnxruntime cannot load it; the
             message names the file.
     """
-    import onnxruntime as ort
+    import onnx
+
+    from onnx_gptq.runtime import sessions
 
     path = Path(model).expanduser()
     if not path.is_file():
         raise ModelError(f"model: {path} does not exist")
     try:
-        needs_library = custom_ops and _has_custom_nodes(path)
+        needs_library = custom_ops and sessions.uses_custom_ops(onnx.load(str(path), load_external_data=False))
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and others
         raise ModelError(f"model: {path} is not a readable ONNX file: {exc}") from exc
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        if needs_library:
-            from onnx_gptq.custom_ops import make_session
-
-            # A missing library raises CustomOpsLibraryError (a UserError) saying how to build it.
-            return make_session(str(path), providers=list(providers), sess_options=options)
-        return ort.InferenceSession(str(path), options, providers=list(providers))
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own hierarchy
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model: onnxruntime cannot load {path}: {first}") from exc
+    # A missing library raises CustomOpsLibraryError (a UserError) saying how to build it.
+    return sessions.make_session(path, providers=list(providers), what=str(path),
+                                 custom_ops=needs_library).session
 
 
 class LogitsRunner:
@@ -277,7 +260,7 @@ def text_windows(text: str | os.PathLike[str] | Sequence[str], tokenizer: Any, s
 
     Args:
         text: a file path, or a sequence of documents (joined with a blank line).
-        tokenizer: a spec for :func:`onnx_gptq.tokenizer.load_tokenizer`, or an
+        tokenizer: a spec for :func:`onnx_gptq.tools.tokenizer.load_tokenizer`, or an
             object with ``encode(str) -> list[int]``.
         seq_len: tokens per window.
         max_windows: keep only the first this many windows.
@@ -288,7 +271,7 @@ def text_windows(text: str | os.PathLike[str] | Sequence[str], tokenizer: Any, s
     Raises:
         UserError: the text has fewer than `seq_len` tokens.
     """
-    from onnx_gptq.tokenizer import load_tokenizer
+    from onnx_gptq.tools.tokenizer import load_tokenizer
 
     if seq_len < 2:
         raise ConfigError(f"seq_len: {seq_len} must be at least 2")
