@@ -84,7 +84,7 @@ def generate_calibration(model_path: str | os.PathLike[str], *, num_samples: int
         ConfigError: a non-positive size, temperature or top_k.
         CalibrationError: the model's sequence axis is static, or it has no input_ids.
     """
-    from onnx_gptq.tools.evaluate import LogitsRunner
+    from onnx_gptq.tools.logits import LogitsRunner
 
     for name, value in (("num_samples", num_samples), ("seq_len", seq_len)):
         if value < 1:
