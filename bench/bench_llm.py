@@ -193,7 +193,7 @@ def _ort_quantizer(spec: dict[str, Any]) -> None:
 
 
 def _child_speed(model: str, prompt_len: int) -> dict[str, Any]:
-    from onnx_gptq.calib_data import ModelInputs
+    from onnx_gptq.calibrate import ModelInputs
     from onnx_gptq.tools.evaluate import open_session
     import onnx
 

@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnx_gptq import calib_data, calibrate, rewrite, targets  # noqa: E402
+from onnx_gptq import calibrate, rewrite, targets  # noqa: E402
 from onnx_gptq.config import CalibConfig, QuantConfig  # noqa: E402
 from onnx_gptq.quantize import quantize_with_report  # noqa: E402
 from onnx_gptq.solve import relative_error  # noqa: E402
@@ -124,7 +124,7 @@ def main() -> None:
 
     calib = CalibConfig(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=4)
     proto = onnx.load(str(args.model), load_external_data=False)
-    batches = calib_data.make_batches(args.text, proto, calib, tokenizer=args.tokenizer)
+    batches = calibrate.make_batches(args.text, proto, calib, tokenizer=args.tokenizer)
     ids = np.concatenate([b["input_ids"] for b in batches])
     ids_path = args.workdir / "calib_ids.npy"
     np.save(ids_path, ids)  # every row sees exactly these tokens

@@ -171,7 +171,7 @@ def quantize_model(model: ir.Model, calibration: Any, config: QuantConfig, *, ca
 
     Args:
         model: the model; its quantizable MatMul/Gemm nodes are rewritten.
-        calibration: calibration data (see `calib_data.make_batches`); may be
+        calibration: calibration data (see `calibrate.make_batches`); may be
             None with algo "rtn".
         config: how and which weights are quantized.
         calib: calibration settings (incl. sequential mode and memory budget).
@@ -218,14 +218,14 @@ def quantize_model(model: ir.Model, calibration: Any, config: QuantConfig, *, ca
 def _calibrate_and_solve(model: ir.Model, groups: list[targets.WeightGroup], calibration: Any,
                          calib: CalibConfig, model_dir: Path | None, tokenizer: str | os.PathLike | None,
                          solver: _Solver, phase: PhaseTimer, progress: bool) -> None:
-    from onnx_gptq import calib_data, calibrate
+    from onnx_gptq import calibrate
     from onnx_gptq.runtime import sessions
 
     providers = calib.providers or sessions.default_providers()
     budget = calib.memory_budget or default_memory_budget()
     with phase("calibrate"):
         proto = model_io.to_proto(model)  # the float model: one-pass Hessians all come from it
-        batches = calib_data.make_batches(calibration, proto, calib, tokenizer=tokenizer)
+        batches = calibrate.make_batches(calibration, proto, calib, tokenizer=tokenizer)
     # onnxruntime cannot run a model whose float weights exceed the memory at
     # hand; then run it stage by stage in float (same one-pass Hessians).
     import psutil
@@ -324,11 +324,7 @@ def quantize(model: ModelLike, calibration: Any = None, config: QuantConfig | No
 
 
 def _resolve_calibration(calibration: Any, model_path: Path, calib: CalibConfig) -> Any:
-    """`"self"` means: sample calibration sequences from the float model itself."""
-    if isinstance(calibration, str) and calibration == "self":
-        from onnx_gptq.runtime.sessions import default_providers
-        from onnx_gptq.tools.self_calib import generate_calibration
+    """A generated source (`"self"`: sequences sampled from the float model) made into token rows."""
+    from onnx_gptq.calibrate.sources import resolve_generated
 
-        return generate_calibration(model_path, num_samples=calib.num_samples, seq_len=calib.seq_len,
-                                    seed=calib.seed, providers=calib.providers or default_providers())
-    return calibration
+    return resolve_generated(calibration, model_path, calib)

@@ -306,7 +306,7 @@ def test_providers_are_checked_and_cuda_gets_full_float32() -> None:
 
 def test_tiny_llama_export_end_to_end(tiny_llama_onnx: Path, calib_ids: Path) -> None:
     """Real exports: batches from ids, every constant-weight MatMul/Gemm input against numpy."""
-    from onnx_gptq.calib_data import make_batches
+    from onnx_gptq.calibrate import make_batches
     from onnx_gptq.config import CalibConfig
 
     before = _snapshot(tiny_llama_onnx.parent)

@@ -7,7 +7,9 @@
 * `sources`, `model_inputs`, `batching`: calibration data to onnxruntime feeds.
 """
 
+from onnx_gptq.calibrate.batching import make_batches
+from onnx_gptq.calibrate.model_inputs import ModelInputs
 from onnx_gptq.calibrate.run import collect_hessians
 from onnx_gptq.calibrate.statistics import HessianStats
 
-__all__ = ["HessianStats", "collect_hessians"]
+__all__ = ["HessianStats", "ModelInputs", "collect_hessians", "make_batches"]

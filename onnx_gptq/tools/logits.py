@@ -2,7 +2,7 @@
 
 Shared by evaluation (`tools.evaluate`) and self-calibration (`tools.self_calib`):
 inputs other than ``input_ids`` are derived from the graph by
-:class:`onnx_gptq.calib_data.ModelInputs`.
+:class:`onnx_gptq.calibrate.ModelInputs`.
 """
 
 from __future__ import annotations
@@ -57,13 +57,13 @@ class LogitsRunner:
     """A session plus what it takes to feed it token ids and read its logits.
 
     Inputs other than ``input_ids`` (attention mask, position ids, empty past
-    key/values) are derived by :class:`onnx_gptq.calib_data.ModelInputs`.
+    key/values) are derived by :class:`onnx_gptq.calibrate.ModelInputs`.
     """
 
     def __init__(self, path: Path, providers: Sequence[str], custom_ops: bool) -> None:
         import onnx
 
-        from onnx_gptq.calib_data import ModelInputs
+        from onnx_gptq.calibrate import ModelInputs
 
         self.path = path
         self.session = open_session(path, providers=providers, custom_ops=custom_ops)
