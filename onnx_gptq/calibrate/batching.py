@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from onnx_gptq.calibrate.model_inputs import ModelInputs
 from onnx_gptq.calibrate.sources import Feeds, Rows, Stream, Text, read_source, tokenizer_of
@@ -112,7 +113,7 @@ def _batched(samples: list[np.ndarray], inputs: ModelInputs, batch_size: int,
     return batches
 
 
-def make_batches(source: Any, model: onnx.ModelProto, config: CalibConfig, *,
+def make_batches(source: Any, model: ir.Model | onnx.ModelProto, config: CalibConfig, *,
                  tokenizer: str | os.PathLike[str] | Any | None = None) -> list[dict[str, np.ndarray]]:
     """Turn calibration data into onnxruntime feed dicts for `model`.
 
@@ -176,7 +177,7 @@ def make_batches(source: Any, model: onnx.ModelProto, config: CalibConfig, *,
     return _batched(samples, inputs, batch_size, data.origin)
 
 
-def _feeds_as_given(data: Feeds, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+def _feeds_as_given(data: Feeds, model: ir.Model | onnx.ModelProto) -> list[dict[str, np.ndarray]]:
     inputs = ModelInputs.from_model(model, check_fillable=False)
     known = {s.name for s in inputs.others} | ({inputs.input_ids.name} if inputs.input_ids else set())
     out = []

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
+import onnx_ir as ir
 
 from onnx_gptq.errors import CalibrationError
 
@@ -44,20 +44,22 @@ class InputSpec:
     dims: tuple[int | str | None, ...]
 
     @classmethod
-    def from_value_info(cls, value: onnx.ValueInfoProto) -> "InputSpec":
-        tensor = value.type.tensor_type
-        if not value.type.HasField("tensor_type"):
+    def from_value(cls, value: ir.Value) -> "InputSpec":
+        """The spec of a graph input.
+
+        Raises:
+            CalibrationError: the input is not a tensor.
+        """
+        if not isinstance(value.type, ir.TensorType):
             raise CalibrationError(f"model input '{value.name}' is not a tensor; it cannot be filled "
                                    "automatically (pass feeds as dicts)")
         dims: list[int | str | None] = []
-        for dim in tensor.shape.dim:
-            if dim.HasField("dim_value"):
-                dims.append(int(dim.dim_value))
-            elif dim.HasField("dim_param") and dim.dim_param:
-                dims.append(dim.dim_param)
+        for dim in value.shape or ():
+            if isinstance(dim, int):
+                dims.append(dim)
             else:
-                dims.append(None)
-        return cls(value.name, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)), tuple(dims))
+                dims.append(dim.value or None)
+        return cls(value.name or "", np.dtype(value.type.dtype.numpy()), tuple(dims))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +84,12 @@ class ModelInputs:
     max_positions: int | None = None
 
     @classmethod
-    def from_model(cls, model: onnx.ModelProto, *, check_fillable: bool = True) -> "ModelInputs":
+    def from_model(cls, model: ir.Model | onnx.ModelProto, *, check_fillable: bool = True) -> "ModelInputs":
         """Read and classify the model's graph inputs.
 
         Args:
-            model: the model (external data need not be loaded).
+            model: the model (a ModelProto is read through onnx_ir; external
+                data need not be loaded, and no tensor is read).
             check_fillable: raise for an input `feeds` cannot derive (only
                 checked when the model has an input_ids input).
 
@@ -94,9 +97,10 @@ class ModelInputs:
             CalibrationError: an input is neither input_ids nor one that can be
                 filled automatically; the message names it.
         """
-        graph = model.graph
-        inits = {t.name for t in graph.initializer}
-        specs = [InputSpec.from_value_info(v) for v in graph.input if v.name not in inits]
+        if isinstance(model, onnx.ModelProto):
+            model = ir.serde.deserialize_model(model)
+        graph = _Graph(model.graph)
+        specs = [InputSpec.from_value(v) for v in model.graph.inputs if v.name not in graph.inits]
         ids = next((s for s in specs if s.name == "input_ids"), None)
         others = tuple(s for s in specs if s is not ids)
         if check_fillable and ids is not None:
@@ -111,7 +115,7 @@ class ModelInputs:
                 static_batch = ids.dims[0]
             if isinstance(ids.dims[1], int) and ids.dims[1] > 0:
                 static_seq = ids.dims[1]
-        return cls(ids, others, _vocab_size(model), static_seq, static_batch, _max_positions(model))
+        return cls(ids, others, _vocab_size(graph), static_seq, static_batch, _max_positions(graph))
 
     def feeds(self, input_ids: np.ndarray, given: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """A complete feed dict for one run.
@@ -182,89 +186,100 @@ def _past_roles(spec: InputSpec) -> list[int | str]:
     return roles
 
 
-def _vocab_size(model: onnx.ModelProto) -> int | None:
-    """Rows of the embedding table read by input_ids, else the logits' static last dim."""
-    graph = model.graph
-    inits = {t.name: list(t.dims) for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+class _Graph:
+    """Name-keyed views of an onnx_ir main graph: producers, consumers, 2-D constant shapes."""
 
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.nodes = list(graph)
+        self.inits = {name: list(value.shape or ()) for name, value in graph.initializers.items()}
+        self.inputs = {v.name for v in graph.inputs}
+        self.producers = {out.name: node for node in self.nodes for out in node.outputs if out.name}
+        self.consumers: dict[str, list[ir.Node]] = {}
+        for node in self.nodes:
+            for value in node.inputs:
+                if value is not None and value.name:
+                    self.consumers.setdefault(value.name, []).append(node)
+
+
+def _name(node: ir.Node, index: int) -> str:
+    value = node.inputs[index] if len(node.inputs) > index else None
+    return value.name or "" if value is not None else ""
+
+
+def _vocab_size(graph: _Graph) -> int | None:
+    """Rows of the embedding table read by input_ids, else the logits' static last dim."""
     frontier, seen = ["input_ids"], set()
     while frontier:
         name = frontier.pop()
         if name in seen:
             continue
         seen.add(name)
-        for node in consumers.get(name, []):
-            if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
-                axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
-                rows = _table_rows(node.input[0], inits, producers) if axis == 0 else None
+        for node in graph.consumers.get(name, []):
+            if node.op_type == "Gather" and len(node.inputs) > 1 and _name(node, 1) == name:
+                axis = node.attributes.get_int("axis", 0)
+                rows = _table_rows(_name(node, 0), graph) if axis == 0 else None
                 if rows:
                     return rows
-            elif node.op_type in _ID_PASSTHROUGH and node.input[0] == name:
-                frontier.extend(o for o in node.output if o)
-    for value in graph.output:
-        if value.name == "logits" and value.type.tensor_type.shape.dim:
-            last = value.type.tensor_type.shape.dim[-1]
-            if last.HasField("dim_value") and last.dim_value > 0:
-                return int(last.dim_value)
+            elif node.op_type in _ID_PASSTHROUGH and _name(node, 0) == name:
+                frontier.extend(o.name for o in node.outputs if o.name)
+    for value in graph.graph.outputs:
+        if value.name == "logits" and value.shape is not None and len(value.shape):
+            last = value.shape[-1]
+            if isinstance(last, int) and last > 0:
+                return int(last)
     return None
 
 
-def _table_rows(name: str, inits: dict[str, list[int]], producers: dict[str, onnx.NodeProto]) -> int | None:
+def _table_rows(name: str, graph: _Graph) -> int | None:
     """First dim of a constant 2-D table, following Identity/Cast/DequantizeLinear back to it."""
     for _ in range(3):
-        if name in inits:
-            return int(inits[name][0]) if len(inits[name]) == 2 else None
-        node = producers.get(name)
+        if name in graph.inits:
+            dims = graph.inits[name]
+            return int(dims[0]) if len(dims) == 2 else None
+        node = graph.producers.get(name)
         if node is not None and node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            return int(value.dims[0]) if value is not None and len(value.dims) == 2 else None
-        if node is None or node.op_type not in ("Identity", "Cast", "DequantizeLinear") or not node.input:
+            attr = node.attributes.get("value")
+            tensor = attr.as_tensor() if attr is not None and attr.type == ir.AttributeType.TENSOR else None
+            return int(tensor.shape[0]) if tensor is not None and len(tensor.shape) == 2 else None
+        if node is None or node.op_type not in ("Identity", "Cast", "DequantizeLinear") or not node.inputs:
             return None
-        name = node.input[0]
+        name = _name(node, 0)
     return None
 
 
-def _max_positions(model: onnx.ModelProto) -> int | None:
+def _max_positions(graph: _Graph) -> int | None:
     """Rows of a learned position-embedding table (GPT-2's wpe), if the graph has one.
 
     A position table is a constant 2-D Gather table whose indices derive from a
     ``position_ids`` input or from Range/CumSum, and not from the values of
     input_ids or token_type_ids (their *shape* may be involved: Shape stops the search).
     """
-    graph = model.graph
-    inits = {t.name: list(t.dims) for t in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    inputs = {v.name for v in graph.input}
     found: list[int] = []
-    for node in graph.node:
-        if node.op_type != "Gather" or len(node.input) < 2:
+    for node in graph.nodes:
+        if node.op_type != "Gather" or len(node.inputs) < 2:
             continue
-        if next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0) != 0:
+        if node.attributes.get_int("axis", 0) != 0:
             continue
-        rows = _table_rows(node.input[0], inits, producers)
+        rows = _table_rows(_name(node, 0), graph)
         if rows is None:
             continue
         positional = token_valued = False
-        stack, seen = [node.input[1]], set()
+        stack, seen = [_name(node, 1)], set()
         while stack and len(seen) < 64:
             name = stack.pop()
             if name in seen:
                 continue
             seen.add(name)
-            if name in inputs:
+            if name in graph.inputs:
                 positional |= name == "position_ids"
                 token_valued |= name in ("input_ids", "token_type_ids")
                 continue
-            parent = producers.get(name)
+            parent = graph.producers.get(name)
             if parent is None or parent.op_type == "Shape":
                 continue
             positional |= parent.op_type in ("Range", "CumSum")
-            stack.extend(i for i in parent.input if i)
+            stack.extend(v.name for v in parent.inputs if v is not None and v.name)
         if positional and not token_valued:
             found.append(rows)
     return min(found) if found else None
