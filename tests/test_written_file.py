@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
-import ml_dtypes
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
@@ -92,8 +93,6 @@ def numpy_reference(weights: dict[str, np.ndarray], solved: dict[str, QuantizedW
 def run_file(path: Path) -> np.ndarray:
     options = custom_ops.session_options()
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # exact math, no int8
-    import onnxruntime as ort
-
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"input_ids": IDS})[0].astype(np.float64)
 
@@ -286,3 +285,26 @@ def test_nan_float_weight_left_unquantized_is_refused(tmp_path, calib_file):
     with pytest.raises(NonFiniteError, match="'E' holds NaN"):
         quantize(source, None, QuantConfig(group_size=GROUP, algo="rtn"), output=tmp_path / "q.onnx")
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_staged_tensor_corrupted_on_disk_fails_the_run_and_writes_nothing(tmp_path, calib_file, capsys,
+                                                                            monkeypatch):
+    """The run reads its output back: bytes that differ from the solver's packing are an internal error."""
+    source, output = tmp_path / "model.onnx", tmp_path / "q.onnx"
+    tiny_model(source, np.float32)
+    stage = model_io.PackedWeightFile.__call__
+
+    def corrupting(self, array, name):
+        tensor = stage(self, array, name)
+        if name.endswith("_B"):
+            with open(self.directory / self.location, "r+b") as f:  # what a broken writer would leave
+                f.seek(tensor.offset)
+                f.write(bytes([f.read(1)[0] ^ 0x10]))
+        return tensor
+
+    monkeypatch.setattr(model_io.PackedWeightFile, "__call__", corrupting)
+    argv = [str(source), "-o", str(output), "--calib", str(calib_file), "--num-samples", "4", "--seq-len", "8",
+            "--group-size", str(GROUP), "--format", "ort", "-q"]
+    assert cli.main(argv) == 1
+    assert "differs from what the solver produced" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
