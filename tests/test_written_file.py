@@ -144,6 +144,23 @@ def test_act_order_g_idx_is_written_as_solved(tmp_path, calib_file, captured, en
     np.testing.assert_allclose(run_file(output), reference, rtol=0, atol=1e-2 * np.abs(reference).max())
 
 
+@pytest.mark.parametrize(("fmt", "bits"), [("qdq", 4), ("qdq", 8), ("ort", 4), ("custom", 3)])
+@pytest.mark.parametrize(("sym", "group_size"), [(True, GROUP), (False, -1), (True, -1)],
+                         ids=["sym-g32", "asym-per-channel", "sym-per-channel"])
+def test_symmetric_and_per_channel_weights_are_written_as_solved(tmp_path, calib_file, captured, fmt, bits,
+                                                                  sym, group_size):
+    source, output = tmp_path / "model.onnx", tmp_path / "q.onnx"
+    weights = tiny_model(source, np.float16)
+    config = QuantConfig(bits=bits, group_size=group_size, sym=sym, format=fmt, quantize_head=True)
+    quantize(source, str(calib_file), config, calib=CalibConfig(num_samples=4, seq_len=8), output=output)
+    written = read_back(output)
+    assert sorted(written) == ["W1", "W2"]
+    for name, solved in captured.items():
+        assert_same(written[name], solved)
+    reference = numpy_reference(weights, captured)
+    np.testing.assert_allclose(run_file(output), reference, rtol=0, atol=1e-2 * np.abs(reference).max())
+
+
 def test_packed_weight_file_serializes_sub_byte_and_16_bit_types(tmp_path):
     """int4/uint4 go to disk two per byte (as TensorProto holds them); bf16/fp16 as their bits."""
     store = model_io.PackedWeightFile(tmp_path)
