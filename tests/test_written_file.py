@@ -9,6 +9,7 @@ on the file must equal a numpy ``x @ dequant(W)`` reference.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import ml_dtypes
@@ -325,3 +326,14 @@ def test_a_staged_tensor_corrupted_on_disk_fails_the_run_and_writes_nothing(tmp_
     assert cli.main(argv) == 1
     assert "differs from what the solver produced" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_summary_says_the_written_file_was_read_back(tmp_path, calib_file, capsys):
+    source, output = tmp_path / "model.onnx", tmp_path / "q.onnx"
+    tiny_model(source, np.float32)
+    argv = [str(source), "-o", str(output), "--calib", str(calib_file), "--num-samples", "4", "--seq-len", "8",
+            "--group-size", str(GROUP), "--format", "ort", "--quantize-head", "--report", str(tmp_path / "r.json")]
+    assert cli.main(argv) == 0
+    # W1 and W2, each as B, scales and zero points
+    assert "written file read back: 6 packed tensors bit-identical" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["verified_tensors"] == 6
