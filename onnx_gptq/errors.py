@@ -25,3 +25,7 @@ class ConfigError(UserError, ValueError):
 
 class OutputError(UserError):
     """The output path cannot be written (same as input, unwritable directory...)."""
+
+
+class NonFiniteError(ModelError):
+    """A tensor that would be written (scales, bias, a float weight) holds NaN or Inf."""

@@ -59,6 +59,9 @@ class Report:
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     size_before: int | None = None
     size_after: int | None = None
+    #: packed tensors read back from the written file and found bit-identical to the
+    #: solver's (None when nothing was written to a file).
+    verified_tensors: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,6 +80,9 @@ class Report:
             formats: dict[str, int] = {}
             for r in self.layers:
                 formats[r.format] = formats.get(r.format, 0) + 1
+            if self.verified_tensors is not None:
+                lines.append(f"written file read back: {self.verified_tensors} packed tensors bit-identical "
+                             "to the solver's (the errors above are the file's)")
             lines.append("formats: " + ", ".join(f"{k} x{v}" for k, v in sorted(formats.items())))
         if self.size_before and self.size_after:
             lines.append(f"size: {_mib(self.size_before)} -> {_mib(self.size_after)} "
