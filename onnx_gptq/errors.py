@@ -27,6 +27,10 @@ class OutputError(UserError):
     """The output path cannot be written (same as input, unwritable directory...)."""
 
 
+class NonFiniteError(ModelError):
+    """A tensor that would be written (scales, bias, a float weight) holds NaN or Inf."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (onnxruntime's and torch's run to
     pages), or its type name when it has none."""

@@ -13,6 +13,10 @@ Grids:
   padding is harmless), ``scale = (xmax - xmin) / maxq``,
   ``zero = round(-xmin / scale)`` clamped to ``[0, maxq]``; an all-zero group
   gets ``[-1, 1]`` as in the reference GPTQ.
+
+Every scale is finite and nonzero in its dtype (see :func:`round_scale`), so a
+group of denormal weights gets the smallest usable scale and codes that give
+~0, and no zero point is ever 0/0.
 * symmetric: ``zero = 2**(bits-1)`` so codes span ``[-2**(bits-1), 2**(bits-1)-1]``
   around it. The grid is *signed-max*: ``scale = m / -2**(bits-1)`` where ``m`` is
   the group's element of largest magnitude (with its sign), so that element lands
@@ -41,23 +45,39 @@ def maxq_of(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """Round float32 scales to values exactly representable in `scale_dtype`.
+def smallest_scale(scale_dtype: torch.dtype) -> float:
+    """The smallest scale magnitude a grid may use in `scale_dtype`.
 
-    Magnitudes are clamped to [smallest subnormal, max] of the dtype so that a
-    scale never rounds to 0 or inf (division by it must stay finite); the sign is kept.
+    Kernels dequantize in float32 (onnxruntime's CPU kernels, ours) and may
+    flush float32 denormals to zero, so a scale must be a normal float32:
+    float32 and bfloat16 (same exponent range) stop at the smallest normal.
+    float16 keeps its subnormals (down to 2**-24): each is a normal float32
+    once upcast, GPUs compute fp16 denormals exactly, and fp16 weights of
+    ~1e-3 need such scales (the smallest normal fp16 scale, 6.1e-5, would
+    leave them 2 of 16 codes).
+    """
+    if scale_dtype == torch.float16:
+        info = torch.finfo(torch.float16)
+        return info.tiny * info.eps
+    return torch.finfo(torch.float32).tiny
+
+
+def round_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """Round scales to finite, nonzero values exactly representable in `scale_dtype`.
+
+    Magnitudes are clamped to [`smallest_scale`, max] of the dtype: a group whose
+    range underflows (all-denormal weights) would otherwise get scale 0 and a
+    0/0 zero point (NaN spread along the row by GPTQ), and a range near the
+    float32 limit must not become inf. The sign is kept.
 
     Args:
-        scale: float32 [...].
+        scale: float32 or float64 [...] (float64 when the range itself might overflow float32).
         scale_dtype: torch.float32, torch.float16 or torch.bfloat16.
     Returns:
         float32 [...] whose values survive a round trip through `scale_dtype`.
     """
-    if scale_dtype == torch.float32:
-        return scale
-    info = torch.finfo(scale_dtype)
-    mag = scale.abs().clamp(min=info.tiny * info.eps, max=info.max)  # tiny*eps: smallest subnormal
-    sign = torch.where(scale < 0, -1.0, 1.0).to(scale.dtype)
+    mag = scale.to(torch.float64).abs().clamp(min=smallest_scale(scale_dtype), max=torch.finfo(scale_dtype).max)
+    sign = torch.where(scale < 0, -1.0, 1.0).to(torch.float64)
     return (sign * mag).to(scale_dtype).to(torch.float32)
 
 
@@ -74,9 +94,16 @@ def _range_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool,
     degenerate = (xmin == 0) & (xmax == 0)
     xmin = torch.where(degenerate, -torch.ones_like(xmin), xmin)
     xmax = torch.where(degenerate, torch.ones_like(xmax), xmax)
-    scale = round_scale((xmax - xmin) / maxq, scale_dtype)
-    zero = torch.round(-xmin / scale).clamp_(0, maxq)
-    return scale, zero
+    # float64: xmax - xmin overflows float32 for weights near +-3e38.
+    scale = round_scale((xmax.double() - xmin.double()) / maxq, scale_dtype)
+    zero = torch.round(-xmin.double() / scale.double()).clamp_(0, maxq)
+    # Dequantized values reach max(zero, maxq - zero) * scale: for ranges near the
+    # dtype's limit, shrink the scale (clipping the extremes) so they stay finite.
+    span = torch.maximum(zero, maxq - zero).clamp_(min=1)
+    info = torch.finfo(scale_dtype)
+    cap = info.max * (1 - info.eps) / span
+    scale = torch.where(scale.double() > cap, round_scale(cap, scale_dtype), scale)
+    return scale, zero.to(torch.float32)
 
 
 def _signed_absmax(x: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,12 @@ whole; `save_atomic` then copies both into the output file by file ranges.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -125,12 +126,19 @@ def _tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+class WrittenFileMismatch(RuntimeError):
+    """The saved output does not hold the packed tensors that were produced (an internal bug)."""
+
+
 class PackedWeightFile:
     """An append-only file that packed tensors are written to as they are produced.
 
-    Each call stores one array and returns an `onnx_ir.ExternalTensor` reading
-    it back lazily, so packed weights cost disk, not memory, until the output
-    is written. The file lives in a staging directory (see `staging_dir`).
+    Each call stores one array in its ONNX serialized form (int4/uint4 two codes
+    per byte, little-endian, as `TensorProto.raw_data` holds it) and returns an
+    `onnx_ir.ExternalTensor` reading it back lazily, so packed weights cost
+    disk, not memory, until the output is written. The file lives in a staging
+    directory (see `staging_dir`). A digest of every staged tensor is kept so
+    that :meth:`verify` can check the saved output holds exactly these bytes.
     """
 
     ALIGN = 64
@@ -140,26 +148,71 @@ class PackedWeightFile:
         self.location = "packed_weights.bin"
         self._file = open(directory / self.location, "wb")  # noqa: SIM115 - closed in close()
         self.offset = 0
+        #: tensor name -> (dtype, shape, sha256 of the serialized bytes), for `verify`.
+        self.digests: dict[str, tuple[ir.DataType, tuple[int, ...], str]] = {}
 
     def __call__(self, array: np.ndarray, name: str) -> ir.ExternalTensor:
-        array = np.ascontiguousarray(array)
+        """Stage `array` as initializer `name`.
+
+        Args:
+            array: any dtype onnx_ir maps to an ONNX type (uint8, int32, float16,
+                ml_dtypes.bfloat16, ml_dtypes.int4/uint4, ...).
+            name: the initializer's name.
+        Returns:
+            An ExternalTensor of the same dtype and shape reading the staged bytes.
+        """
+        # onnx_ir serializes exactly as the saved model will: sub-byte types
+        # packed (numpy keeps one int4 per byte), fixed little-endian order.
+        staged = ir.Tensor(np.ascontiguousarray(array), name=name)
+        data = staged.tobytes()
         padding = -self.offset % self.ALIGN
-        if padding:
-            self._file.write(bytes(padding))
-            self.offset += padding
-        offset = self.offset
         try:
-            array.tofile(self._file)
+            if padding:
+                self._file.write(bytes(padding))
+                self.offset += padding
+            offset = self.offset
+            self._file.write(data)
             self._file.flush()
         except OSError as exc:
             raise OutputError(f"cannot write packed weights to '{self.directory}': "
                               f"{exc.strerror or exc}") from None
-        self.offset += array.nbytes
-        return ir.ExternalTensor(self.location, offset, array.nbytes, ir.DataType.from_numpy(array.dtype),
+        self.offset += len(data)
+        self.digests[name] = (staged.dtype, tuple(array.shape), hashlib.sha256(data).hexdigest())
+        return ir.ExternalTensor(self.location, offset, len(data), staged.dtype,
                                  shape=ir.Shape(array.shape), name=name, base_dir=str(self.directory))
 
     def close(self) -> None:
         self._file.close()
+
+    def verify(self, path: Path, names: set[str] | None = None) -> int:
+        """Check that the model saved at `path` holds every staged tensor bit for bit.
+
+        One sequential read of the saved files. Tensors staged but no longer in
+        the graph (never the case for packed weights) are reported too.
+
+        Args:
+            path: the saved .onnx file (its external data beside it).
+            names: the staged names expected in the output (default: all).
+        Returns:
+            The number of tensors checked.
+        Raises:
+            WrittenFileMismatch: a tensor is missing or its dtype, shape or bytes differ.
+        """
+        expected = self.digests if names is None else {n: self.digests[n] for n in names}
+        saved = ir.load(path)
+        initializers = saved.graph.initializers
+        for name, (dtype, shape, digest) in expected.items():
+            value = initializers.get(name)
+            tensor = None if value is None else value.const_value
+            if tensor is None:
+                raise WrittenFileMismatch(f"'{path}': packed tensor '{name}' is missing from the written model")
+            if tensor.dtype != dtype or tuple(tensor.shape.numpy()) != shape:
+                raise WrittenFileMismatch(f"'{path}': packed tensor '{name}' was written as {tensor.dtype} "
+                                          f"{tuple(tensor.shape.numpy())}, staged as {dtype} {shape}")
+            if hashlib.sha256(tensor.tobytes()).hexdigest() != digest:
+                raise WrittenFileMismatch(f"'{path}': packed tensor '{name}' differs from what the "
+                                          "solver produced")
+        return len(expected)
 
 
 @contextlib.contextmanager
@@ -179,17 +232,26 @@ def staging_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_atomic(model: ir.Model, path: Path, staging: Path | None = None) -> int:
+def save_atomic(model: ir.Model, path: Path, staging: Path | None = None,
+                check: Callable[[Path], object] | None = None) -> int:
     """Write `model` to `path` all at once: either the whole result appears or nothing.
 
     Models whose tensors exceed protobuf's 2 GiB limit get an external data file
     `<name>.data` beside them. The files are written in `staging` (a fresh
-    directory beside `path` when None) and renamed into place. Returns the
-    bytes written.
+    directory beside `path` when None) and renamed into place.
+
+    Args:
+        model: the model to write (tensors still on disk are embedded unless external).
+        path: the output .onnx file.
+        staging: a private directory beside `path` (a fresh one when None).
+        check: called with the written file before it is renamed into place
+            (e.g. `PackedWeightFile.verify`); if it raises, nothing appears at `path`.
+    Returns:
+        The bytes written.
     """
     if staging is None:
         with staging_dir(path) as tmp:
-            return save_atomic(model, path, tmp)
+            return save_atomic(model, path, tmp, check)
     directory = path.parent if str(path.parent) else Path(".")
     external = _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = f"{path.name}.data"
@@ -205,6 +267,9 @@ def save_atomic(model: ir.Model, path: Path, staging: Path | None = None) -> int
         written = tmp_model.stat().st_size
         if external:
             written += (out / data_name).stat().st_size
+        if check is not None:
+            check(tmp_model)
+        if external:
             os.replace(out / data_name, directory / data_name)
         os.replace(tmp_model, path)
     except OSError as exc:

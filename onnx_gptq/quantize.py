@@ -210,6 +210,8 @@ def quantize_model(model: ir.Model, calibration: Any, config: QuantConfig, *, ca
         solver.close()
     with phase("pack+rewrite"):
         rewrite.remove_unused(model)
+    with phase("check"):
+        rewrite.check_finite(model, solver.taken)
     for note in report.format_notes:
         logger.info("%s", note)
     return model, report
@@ -279,7 +281,11 @@ def quantize_with_report(model: ModelLike, calibration: Any = None, config: Quan
                 packed.close()
             run.size_before = size_before
             with PhaseTimer(run.phases)("save"):
-                run.size_after = model_io.save_atomic(loaded, destination, staging)
+                # Read the written file back before it appears: it must hold exactly the
+                # packed bytes the solver's results were staged as (so the report's errors
+                # describe the file).
+                run.size_after = model_io.save_atomic(loaded, destination, staging,
+                                                      check=lambda written: _verify(packed, written, run))
         result: ModelLike = destination
     elif isinstance(model, onnx.ModelProto):
         loaded = ir.serde.deserialize_model(model)
@@ -321,6 +327,12 @@ def quantize(model: ModelLike, calibration: Any = None, config: QuantConfig | No
     """
     return quantize_with_report(model, calibration, config, calib=calib, output=output, tokenizer=tokenizer,
                                 report=report, jobs=jobs, device=device, progress=progress)[0]
+
+
+def _verify(packed: model_io.PackedWeightFile, written: Path, run: Report) -> None:
+    """Check the written model against the staged packed tensors and record the count."""
+    run.verified_tensors = packed.verify(written)
+    logger.info("verified %d packed tensors in '%s' bit for bit", run.verified_tensors, written)
 
 
 def _resolve_calibration(calibration: Any, model_path: Path, calib: CalibConfig) -> Any:

@@ -61,6 +61,8 @@ class Report:
         format_notes: weights written in another format than asked, and why.
         phases: wall seconds per phase.
         size_before, size_after: bytes on disk (path in, path out).
+        verified_tensors: packed tensors read back from the written file and
+            found bit-identical to the solver's (None when no file was written).
         calib: the CalibConfig (`CalibConfig.to_dict`); None when not calibrated (rtn).
         selection: the LayerFilter that chose the layers (`LayerFilter.to_dict`).
         run: execution settings (jobs, device).
@@ -73,6 +75,9 @@ class Report:
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     size_before: int | None = None
     size_after: int | None = None
+    #: packed tensors read back from the written file and found bit-identical to the
+    #: solver's (None when nothing was written to a file).
+    verified_tensors: int | None = None
     calib: dict[str, Any] | None = None
     selection: dict[str, Any] | None = None
     run: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -94,6 +99,9 @@ class Report:
             formats: dict[str, int] = {}
             for r in self.layers:
                 formats[r.format] = formats.get(r.format, 0) + 1
+            if self.verified_tensors is not None:
+                lines.append(f"written file read back: {self.verified_tensors} packed tensors bit-identical "
+                             "to the solver's (the errors above are the file's)")
             lines.append("formats: " + ", ".join(f"{k} x{v}" for k, v in sorted(formats.items())))
         if self.size_before and self.size_after:
             lines.append(f"size: {_mib(self.size_before)} -> {_mib(self.size_after)} "

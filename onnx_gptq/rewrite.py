@@ -22,7 +22,7 @@ import onnx_ir.passes.common
 
 from onnx_gptq import contract, model_io, pack
 from onnx_gptq.config import Format
-from onnx_gptq.errors import ConfigError
+from onnx_gptq.errors import ConfigError, NonFiniteError
 from onnx_gptq.qweight import QuantizedWeight
 from onnx_gptq.targets import Target, WeightGroup
 
@@ -293,3 +293,63 @@ def read_packed(model: ir.Model, suffix: str = "_B") -> dict[str, QuantizedWeigh
                                                          zero_points=const(3), g_idx=const(4), **attrs))
         found[strip.sub("", node.inputs[1].name or "")] = qw
     return found
+
+
+def read_qdq(model: ir.Model, suffix: str = "_codes") -> dict[str, QuantizedWeight]:
+    """The quantized weights held by a model's constant 4/8-bit `DequantizeLinear` nodes.
+
+    The inverse of `rewrite_group` for the qdq format (symmetric weights, with
+    no zero point input, read back with zero point 2**(bits-1)).
+
+    Args:
+        model: a quantized model.
+        suffix: regex for what the quantizer appended to the weight's name on
+            the codes input (ours "_codes").
+    Returns:
+        Original weight name -> the weight, [N, K], scales as float32.
+    """
+    strip = re.compile(f"(?:{suffix})$")
+    found: dict[str, QuantizedWeight] = {}
+    for node in model.graph.all_nodes():
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+            continue
+        arrays = [None if v is None or v.const_value is None else v.const_value.numpy() for v in node.inputs]
+        if arrays[0] is None or arrays[1] is None or arrays[0].ndim != 2:
+            continue
+        bits = 4 if arrays[0].dtype.name in ("int4", "uint4") else 8
+        block_size = node.attributes.get_int("block_size", 0)
+        tensors = pack.QDQTensors(codes=arrays[0], scales=arrays[1].astype(np.float32),
+                                  zero_points=arrays[2] if len(arrays) > 2 else None,
+                                  block_size=block_size, axis=node.attributes.get_int("axis", 1))
+        found[strip.sub("", node.inputs[0].name or "")] = pack.unpack_qdq(tensors, bits)
+    return found
+
+
+def _float_types() -> tuple[ir.DataType, ...]:
+    return (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
+def check_finite(model: ir.Model, produced: set[str]) -> None:
+    """Refuse to write a model whose tensors hold NaN or Inf.
+
+    Tensors this run produced (scales, folded bias, Gemm beta) must be finite.
+    Float weights left as they were may hold +-Inf (models keep -inf attention
+    masks as constants) but never NaN.
+
+    Args:
+        model: the rewritten model (reads every float initializer once).
+        produced: names of the initializers the rewrite added.
+    Raises:
+        NonFiniteError: naming the first offending initializer.
+    """
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.dtype not in _float_types():
+            continue
+        array = tensor.numpy().astype(np.float32)
+        if name in produced and not np.isfinite(array).all():
+            bad = "NaN" if np.isnan(array).any() else "Inf"
+            raise NonFiniteError(f"quantized tensor '{name}' would be written with {bad} values "
+                                 "(the weight's range does not fit the scale dtype); nothing written")
+        if name not in produced and np.isnan(array).any():
+            raise NonFiniteError(f"float weight '{name}' holds NaN; nothing written")
