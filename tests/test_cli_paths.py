@@ -16,6 +16,7 @@ import pytest
 
 from onnx_gptq import model_io
 from onnx_gptq.cli import main
+from tests.conftest import _exported
 
 
 def digest(path: Path) -> str:
@@ -29,8 +30,9 @@ def snapshot(directory: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def work(tiny_llama_onnx: Path, tmp_path: Path) -> Path:
+def work(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
     """tmp_path holding model.onnx (embedded weights) and ext.onnx + ext.weights (external data)."""
+    tiny_llama_onnx = _exported(tmp_path_factory, "llama", True)  # one exporter is enough here
     proto = onnx.load(tiny_llama_onnx)
     onnx.save(proto, tmp_path / "model.onnx")
     onnx.save(proto, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
