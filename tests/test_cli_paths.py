@@ -55,21 +55,19 @@ def _external_to(path: Path, location: str) -> None:
 
 RTN = ["--algo", "rtn", "--group-size", "32"]
 
+
+def _report(path: str, model: str = "model.onnx") -> list[str]:
+    return [model, "-o", "out.onnx", *RTN, "--report", path]
+
+
 CASES = {
-    "report is the input": (["model.onnx", "-o", "out.onnx", *RTN, "--report", "model.onnx"],
-                            "report 'model.onnx' is the input model"),
-    "report links to the input": (["model.onnx", "-o", "out.onnx", *RTN, "--report", "link.onnx"],
-                                  "report 'link.onnx' is the input model"),
-    "report is the output": (["model.onnx", "-o", "out.onnx", *RTN, "--report", "out.onnx"],
-                             "report 'out.onnx' is the output model"),
-    "report is the output's data": (["model.onnx", "-o", "out.onnx", *RTN, "--report", "out.onnx.data"],
-                                    "report 'out.onnx.data' is the output's data file"),
-    "report is the input's data": (["ext.onnx", "-o", "out.onnx", *RTN, "--report", "ext.weights"],
-                                   "report 'ext.weights' is the input's external data"),
-    "report in a missing directory": (["model.onnx", "-o", "out.onnx", *RTN, "--report", "no/r.json"],
-                                      "report directory 'no' does not exist"),
-    "report is a directory": (["model.onnx", "-o", "out.onnx", *RTN, "--report", "."],
-                              "report '.' is a directory"),
+    "report is the input": (_report("model.onnx"), "report 'model.onnx' is the input model"),
+    "report links to the input": (_report("link.onnx"), "report 'link.onnx' is the input model"),
+    "report is the output": (_report("out.onnx"), "report 'out.onnx' is the output model"),
+    "report is the output's data": (_report("out.onnx.data"), "report 'out.onnx.data' is the output's data file"),
+    "report is the input's data": (_report("ext.weights", "ext.onnx"), "report 'ext.weights' is the input's external data"),
+    "report in a missing directory": (_report("no/r.json"), "report directory 'no' does not exist"),
+    "report is a directory": (_report("."), "report '.' is a directory"),
     "output links to the input": (["model.onnx", "-o", "link.onnx", *RTN], "is the input model"),
     "output is the input's data": (["ext.onnx", "-o", "ext.weights", *RTN],
                                    "output 'ext.weights' is the input's external data"),
