@@ -32,10 +32,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-try:
-    import onnx_gptq  # noqa: F401 - installed (pip install -e .)
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The checkout's root: devtools/ (the CUDA entry point's ctypes binding) lives
+# there, and onnx_gptq too when it is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _die(message: str) -> None:

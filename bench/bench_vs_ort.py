@@ -37,7 +37,7 @@ logger = logging.getLogger("bench_vs_ort")
 def smollm2(workdir: Path) -> tuple[Path, Path, Path]:
     """SmolLM2-135M exported to fp32 ONNX, its GGUF (tokenizer), and the pre-2000 SOTU text."""
     from devtools import assets
-from onnx_gptq.tools import export
+    from onnx_gptq.tools import export
 
     gguf = assets.smollm2_gguf()
     model = workdir / "smollm2.onnx"

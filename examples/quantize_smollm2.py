@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from devtools import assets
+from devtools import assets  # noqa: E402
 from onnx_gptq import CalibConfig, QuantConfig  # noqa: E402
 from onnx_gptq.tools.evaluate import evaluate  # noqa: E402
 from onnx_gptq.tools.export import export_model  # noqa: E402

@@ -4,15 +4,20 @@ Subcommands: `onnx-gptq export ...` (torch / transformers -> ONNX) and
 `onnx-gptq eval ...` (perplexity and fidelity through onnxruntime).
 
 Exit codes: 0 success, 2 bad input (a one-line message naming the file, node
-or option), 1 internal error.
+or option), 1 internal error, 128 + the signal's number when stopped by
+SIGINT (130), SIGTERM (143) or SIGHUP (129): all three unwind the run, so the
+staging directory is removed and no partial output appears.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from onnx_gptq import __version__
@@ -147,30 +152,104 @@ def _subcommand_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     return parser, module
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` swallows it and every `finally` (the staging directory's) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+# timeout, docker stop and CI cancels send SIGTERM; a closed terminal sends SIGHUP.
+_UNWINDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into `Terminated` while the command runs, as Python does SIGINT."""
+    try:
+        previous = {signum: signal.signal(signum, _raise_terminated) for signum in _UNWINDING_SIGNALS}
+    except ValueError:  # not the main thread: signals cannot be handled here
+        previous = {}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _runtime_warnings_held() -> Iterator[list[tuple]]:
+    """Hold back RuntimeWarnings (numpy's invalid value, overflow...) until the run ends.
+
+    Bad input often trips them on the way to the check that reports it; printed
+    first, they bury the one-line error. The caller shows them again unless a
+    UserError explains them.
+    """
+    held: list[tuple] = []
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def hold(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+            if issubclass(category, RuntimeWarning):
+                held.append((message, category, filename, lineno, file, line))
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = hold
+        yield held
+
+
+def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] in SUBCOMMANDS:
+        parser, module = _subcommand_parser(argv[0])
+        args = parser.parse_args(argv[1:])
+        return int(module.run(args) or 0)  # type: ignore[attr-defined]
+    return run_quantize(build_parser().parse_args(argv))
+
+
+def _stopped(what: str) -> None:
+    # A leading newline: a progress bar may be mid-line on stderr.
+    print(f"\nonnx-gptq: {what}; nothing was written", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line. Returns the exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in argv or "--verbose" in argv
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    held: list[tuple] = []
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            parser, module = _subcommand_parser(argv[0])
-            args = parser.parse_args(argv[1:])
-            return int(module.run(args) or 0)  # type: ignore[attr-defined]
-        args = build_parser().parse_args(argv)
-        return run_quantize(args)
+        with _signals_unwind(), _runtime_warnings_held() as held:
+            code = _dispatch(argv)
     except UserError as exc:
+        for warning in held:
+            logger.info("(before the error) %s: %s", warning[1].__name__, warning[0])
         print(f"onnx-gptq: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("onnx-gptq: interrupted", file=sys.stderr)
-        return 130
+        _stopped("interrupted (SIGINT)")
+        return 128 + signal.SIGINT
+    except Terminated as exc:
+        _stopped(f"stopped by {signal.Signals(exc.signum).name}")
+        return 128 + exc.signum
     except Exception as exc:  # noqa: BLE001 - last line of defence: no traceback for users
+        for warning in held:
+            warnings.showwarning(*warning)
         if verbose:
             raise
         print(f"onnx-gptq: internal error: {type(exc).__name__}: {exc} (run with --verbose for a traceback)",
               file=sys.stderr)
         return 1
+    for warning in held:
+        warnings.showwarning(*warning)
+    return code
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -108,17 +109,117 @@ def with_opset(model: ir.Model, version: int) -> ir.Model:
     return result
 
 
-def check_output_path(source: Path, output: Path) -> Path:
-    """Validate the output path before any work is done."""
-    if output.exists() and output.is_dir():
-        raise OutputError(f"output '{output}' is a directory; give a file path")
-    if source.exists() and output.resolve() == source.resolve():
-        raise OutputError(f"output '{output}' is the input model; choose another path")
+def input_files(source: Path, model: ir.Model) -> list[Path]:
+    """The files a run reads: the model file and every external data file it uses.
+
+    Refuses (before any work) external data that is missing, shorter than a
+    tensor needs, or outside the model's directory: onnx-ir reads it lazily,
+    so without this check the run would fail only when that weight is solved.
+
+    Args:
+        source: the .onnx file `model` was loaded from.
+        model: the lazily loaded model.
+    Returns:
+        `source` followed by the distinct external data files.
+    """
+    directory = source.parent.resolve()
+    files = [source]
+    seen: set[str] = set()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        location = Path(tensor.location)
+        data = (Path(tensor.base_dir) / location).resolve()
+        if location.is_absolute() or directory not in (data, *data.parents):
+            raise ModelError(f"model '{source}': external data '{tensor.location}' of tensor '{value.name}' "
+                             "points outside the model's directory")
+        if not data.is_file():
+            raise ModelError(f"model '{source}': external data file '{tensor.location}' of tensor "
+                             f"'{value.name}' is missing")
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if data.stat().st_size < end:
+            raise ModelError(f"model '{source}': external data file '{tensor.location}' is shorter than "
+                             f"tensor '{value.name}' needs ({data.stat().st_size} < {end} bytes)")
+        if str(data) not in seen:
+            seen.add(str(data))
+            files.append(Path(tensor.base_dir) / location)
+    return files
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file: the same path, through links (symbolic or hard)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def data_file_name(output: Path, avoid: Sequence[Path] = ()) -> str:
+    """The external data file name for `output`: `<name>.data`, unless that is one of `avoid`.
+
+    A model renamed and quantized back to its old name reads `<output>.data`;
+    writing there would replace its weights, so take `<name>.<n>.data` instead.
+    """
     directory = output.parent if str(output.parent) else Path(".")
+    name, number = f"{output.name}.data", 0
+    while any(same_file(directory / name, path) for path in avoid):
+        number += 1
+        name = f"{output.name}.{number}.data"
+    return name
+
+
+def _check_writable_file(path: Path, option: str) -> None:
+    if path.is_dir():
+        raise OutputError(f"{option} '{path}' is a directory; give a file path")
+    directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
-        raise OutputError(f"output directory '{directory}' does not exist")
+        raise OutputError(f"{option} directory '{directory}' does not exist")
     if not os.access(directory, os.W_OK):
-        raise OutputError(f"output directory '{directory}' is not writable")
+        raise OutputError(f"{option} directory '{directory}' is not writable")
+
+
+def check_report_path(report: Path) -> Path:
+    """Validate the report path before any work: a file in an existing, writable directory."""
+    _check_writable_file(report, "report")
+    return report
+
+
+def check_output_path(source: Path, output: Path, *, inputs: Sequence[Path] = (),
+                      report: Path | None = None) -> Path:
+    """Validate every path a run will write, before any work is done.
+
+    Args:
+        source: the input model file.
+        output: the output model path.
+        inputs: every file the run reads (see `input_files`); default just `source`.
+        report: the JSON report path, if any.
+    Returns:
+        `output`.
+    Raises:
+        OutputError: a path is a directory, its directory is missing or not
+            writable, or it is (or links to) an input file or another output.
+    """
+    read = list(inputs) or [source]
+    _check_writable_file(output, "output")
+    for path in read:
+        if path.exists() and same_file(output, path):
+            what = "the input model" if path == source else f"the input's external data '{path}'"
+            raise OutputError(f"output '{output}' is {what}; choose another path")
+    if report is None:
+        return output
+    check_report_path(report)
+    directory = output.parent if str(output.parent) else Path(".")
+    written = {"the output model": output, "the output's data file": directory / data_file_name(output, read)}
+    for what, path in written.items():
+        if same_file(report, path):
+            raise OutputError(f"report '{report}' is {what}; choose another path")
+    for path in read:
+        if path.exists() and same_file(report, path):
+            what = "the input model" if path == source else f"the input's external data '{path}'"
+            raise OutputError(f"report '{report}' is {what}; choose another path")
     return output
 
 
@@ -215,30 +316,84 @@ class PackedWeightFile:
         return len(expected)
 
 
+STAGING_PREFIX = ".onnx-gptq-"
+# Who made a staging directory: "pid start-time host", so a later run can tell
+# a dead owner's leftovers (SIGKILL, power loss) from a concurrent run's.
+OWNER_FILE = "owner"
+
+
+def _process_start_time(pid: int) -> float | None:
+    """When process `pid` started (None: no such process)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.Error:  # another user's process: alive, start time unknown
+        return -1.0
+
+
+def _owner_is_dead(directory: Path) -> bool:
+    """Whether the process recorded in staging `directory` is gone (False when unsure)."""
+    try:
+        pid_text, started_text, host = (directory / OWNER_FILE).read_text().split(maxsplit=2)
+        pid, started = int(pid_text), float(started_text)
+    except (OSError, ValueError):
+        return False  # not ours, or being created right now: leave it
+    if host.strip() != socket.gethostname():
+        return False  # a shared filesystem: that host's processes are not visible here
+    now_started = _process_start_time(pid)
+    # A live pid with another start time is a reused pid: the owner is dead.
+    return now_started is None or (now_started >= 0 and abs(now_started - started) > 1.0)
+
+
+def remove_stale_staging(directory: Path) -> list[Path]:
+    """Remove staging directories in `directory` whose owner process is dead.
+
+    Returns:
+        The directories removed.
+    """
+    removed = []
+    for candidate in directory.glob(f"{STAGING_PREFIX}*"):
+        if candidate.is_dir() and not candidate.is_symlink() and _owner_is_dead(candidate):
+            shutil.rmtree(candidate, ignore_errors=True)
+            logger.info("removed '%s', left behind by a process that is gone", candidate)
+            removed.append(candidate)
+    return removed
+
+
 @contextlib.contextmanager
 def staging_dir(path: Path) -> Iterator[Path]:
     """A private directory beside `path` for everything written before the output is complete.
 
-    Removed on exit, whether the run succeeded or not.
+    Removed on exit, whether the run succeeded or not (the CLI turns SIGTERM
+    and SIGHUP into exceptions so that this runs for them too). It records its
+    owner process; stale directories of dead owners beside `path` are removed
+    first.
     """
     directory = path.parent if str(path.parent) else Path(".")
+    remove_stale_staging(directory)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=".onnx-gptq-", dir=directory))
+        tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
     except OSError as exc:
         raise OutputError(f"cannot write in '{directory}': {exc.strerror or exc}") from None
     try:
+        started = _process_start_time(os.getpid())
+        (tmp / OWNER_FILE).write_text(f"{os.getpid()} {started} {socket.gethostname()}\n")
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_atomic(model: ir.Model, path: Path, staging: Path | None = None,
-                check: Callable[[Path], object] | None = None) -> int:
+def save_atomic(model: ir.Model, path: Path, staging: Path | None = None, *,
+                check: Callable[[Path], object] | None = None, avoid: Sequence[Path] = ()) -> int:
     """Write `model` to `path` all at once: either the whole result appears or nothing.
 
     Models whose tensors exceed protobuf's 2 GiB limit get an external data file
-    `<name>.data` beside them. The files are written in `staging` (a fresh
-    directory beside `path` when None) and renamed into place.
+    `<name>.data` beside them (`<name>.<n>.data` when that is one of `avoid`,
+    the files the input is read from). The files are written in `staging` (a
+    fresh directory beside `path` when None) and renamed into place.
 
     Args:
         model: the model to write (tensors still on disk are embedded unless external).
@@ -246,15 +401,16 @@ def save_atomic(model: ir.Model, path: Path, staging: Path | None = None,
         staging: a private directory beside `path` (a fresh one when None).
         check: called with the written file before it is renamed into place
             (e.g. `PackedWeightFile.verify`); if it raises, nothing appears at `path`.
+        avoid: files the output's data file must not replace (the input's).
     Returns:
         The bytes written.
     """
     if staging is None:
         with staging_dir(path) as tmp:
-            return save_atomic(model, path, tmp, check)
+            return save_atomic(model, path, tmp, check=check, avoid=avoid)
     directory = path.parent if str(path.parent) else Path(".")
     external = _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = f"{path.name}.data"
+    data_name = data_file_name(path, avoid)
     if not external:
         # Tensors still on disk (memory-mapped from the input's data file, or
         # packed weights in the staging directory) must be embedded, or the

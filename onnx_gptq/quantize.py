@@ -194,6 +194,13 @@ def quantize_model(model: ir.Model, calibration: Any, config: QuantConfig, *, ca
         groups, skips = targets.find_targets(model, config)
     report.skipped = [{"node": s.node, "reason": s.reason} for s in skips]
     if not groups:
+        unmatched = [s.node for s in skips if s.reason == targets.NOT_INCLUDED]
+        # Only when no weight matched an include pattern (then excluded, or the head, ...).
+        others = [s for s in skips if s.reason.startswith(targets.SELECTION_REASONS)]
+        if config.include and unmatched and not others:
+            patterns = ", ".join(repr(p) for p in config.include)
+            raise ConfigError(f"include: {patterns} matched no layer (layers are named like "
+                              f"{', '.join(repr(n) for n in unmatched[:3])}; -v lists them all)")
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in skips[:5]) or "it has no MatMul or Gemm"
         raise ModelError(f"nothing to quantize in the model ({reasons})")
 
@@ -256,6 +263,43 @@ def _calibrate_and_solve(model: ir.Model, groups: list[targets.WeightGroup], cal
         del stats
 
 
+def check_run_options(config: QuantConfig, calib: CalibConfig, *, jobs: int, device: str | None) -> None:
+    """Refuse option values that would fail only after calibration has begun.
+
+    Args:
+        config: its include/exclude regexes must compile.
+        calib: its seed must be one numpy accepts (non-negative).
+        jobs: weights solved at once, at least 1.
+        device: a torch device this machine has (None: chosen automatically).
+    Raises:
+        ConfigError: naming the option.
+    """
+    targets.check_patterns(config)
+    if calib.seed < 0:
+        raise ConfigError(f"seed: {calib.seed} must be zero or positive")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs: {jobs!r} must be a positive integer (weights solved at once)")
+    if device is not None:
+        _check_device(device)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device: {device!r} is not a torch device (use cpu or cuda)") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type != "cuda":
+        raise ConfigError(f"device: {device!r} is not supported by the solver (use cpu or cuda)")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} asked for, but torch sees no CUDA GPU (use cpu)")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ConfigError(f"device: {device!r}: torch sees {torch.cuda.device_count()} GPU(s)")
+
+
 def quantize_with_report(model: ModelLike, calibration: Any = None, config: QuantConfig | None = None, *,
                          calib: CalibConfig | None = None, output: str | os.PathLike | None = None,
                          tokenizer: str | os.PathLike | None = None, report: str | os.PathLike | None = None,
@@ -264,12 +308,15 @@ def quantize_with_report(model: ModelLike, calibration: Any = None, config: Quan
     """Like :func:`quantize`, also returning the run's :class:`Report`."""
     config = config or QuantConfig()
     calib = calib or CalibConfig()
+    check_run_options(config, calib, jobs=jobs, device=device)
     if isinstance(model, (str, os.PathLike)):
         if output is None:
             raise ConfigError("output: a path is needed when the model is given as a path")
         source = Path(model)
-        destination = model_io.check_output_path(source, Path(output))
         loaded, size_before = model_io.load(source)
+        inputs = model_io.input_files(source, loaded)
+        destination = model_io.check_output_path(source, Path(output), inputs=inputs,
+                                                 report=None if report is None else Path(report))
         with model_io.staging_dir(destination) as staging:
             # Packed weights go to disk as they are produced (bounded memory).
             packed = model_io.PackedWeightFile(staging)
@@ -284,15 +331,19 @@ def quantize_with_report(model: ModelLike, calibration: Any = None, config: Quan
                 # Read the written file back before it appears: it must hold exactly the
                 # packed bytes the solver's results were staged as (so the report's errors
                 # describe the file).
-                run.size_after = model_io.save_atomic(loaded, destination, staging,
+                run.size_after = model_io.save_atomic(loaded, destination, staging, avoid=inputs,
                                                       check=lambda written: _verify(packed, written, run))
         result: ModelLike = destination
     elif isinstance(model, onnx.ModelProto):
+        if report is not None:
+            model_io.check_report_path(Path(report))
         loaded = ir.serde.deserialize_model(model)
         loaded, run = quantize_model(loaded, calibration, config, calib=calib, tokenizer=tokenizer,
                                      jobs=jobs, device=device, progress=progress)
         result = ir.serde.serialize_model(loaded)
     elif isinstance(model, ir.Model):
+        if report is not None:
+            model_io.check_report_path(Path(report))
         result, run = quantize_model(model, calibration, config, calib=calib,
                                      model_dir=model_io.base_dir(model), tokenizer=tokenizer,
                                      jobs=jobs, device=device, progress=progress)

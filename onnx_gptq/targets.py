@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_gptq.config import QuantConfig
+from onnx_gptq.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,25 @@ def _main_module(node: ir.Node) -> str:
     return max(candidates, key=len) if candidates else ""
 
 
+NOT_INCLUDED = "not matched by any include pattern"
+# How the other reasons `_selection_reason` gives for a matched weight begin.
+SELECTION_REASONS = ("excluded by pattern", "output head stays float", "weight of shape")
+
+
+def check_patterns(config: QuantConfig) -> None:
+    """Refuse include/exclude patterns that are not valid regular expressions.
+
+    Raises:
+        ConfigError: naming the option and the pattern.
+    """
+    for option, patterns in (("include", config.include), ("exclude", config.exclude)):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{option}: {pattern!r} is not a valid regular expression ({exc})") from None
+
+
 def _matches(patterns: Sequence[str], names: Iterable[str]) -> str | None:
     names = list(names)
     for pattern in patterns:
@@ -294,7 +314,7 @@ def _selection_reason(group: WeightGroup, names: list[str], config: QuantConfig)
         return f"excluded by pattern '{excluded_by}'"
     included_by = _matches(config.include, names) if config.include else None
     if config.include and included_by is None:
-        return "not matched by any include pattern"
+        return NOT_INCLUDED
     if group.is_head and not (config.quantize_head or included_by is not None):
         return "output head stays float (use --quantize-head, or name it in --include)"
     k, n = group.shape

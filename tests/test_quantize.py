@@ -120,12 +120,12 @@ def test_packed_weights_are_on_disk_until_saved(tiny_llama_onnx, calib_ids, tmp_
     seen = {}
     save = model_io.save_atomic
 
-    def checking_save(model, path, staging=None, check=None):
+    def checking_save(model, path, staging=None, **options):
         packed = [v for n in model.graph if n.op_type == "MatMulNBits" for v in n.inputs[1:] if v is not None]
         seen["packed"] = len(packed)
         seen["on_disk"] = sum(isinstance(v.const_value, ir.ExternalTensor)
                               and Path(v.const_value.base_dir) == staging for v in packed)
-        return save(model, path, staging, check)
+        return save(model, path, staging, **options)
 
     monkeypatch.setattr(model_io, "save_atomic", checking_save)
     out = quantize(tiny_llama_onnx, calib_ids, config, calib=calib, output=tmp_path / "q.onnx")

@@ -147,6 +147,9 @@ def _read_jsonl(path: Path) -> Text | Rows:
             texts.append(record["text"])
         else:
             raise CalibrationError(f'{origin}, line {number}: expected {{"input_ids": [...]}} or {{"text": "..."}}')
+    if not texts and not rows:
+        # Say so here: an empty list of texts would be reported as "needs a tokenizer".
+        raise CalibrationError(f"{origin} is empty (no JSON lines)")
     if texts and rows:
         raise CalibrationError(f"{origin} mixes text lines and input_ids lines; use one kind")
     if rows:
