@@ -58,9 +58,10 @@ ONNX_GPTQ_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const 
   if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain)) return st;
   // The CPU float32 op is registered first, so its shape inference function
   // is the one onnxruntime uses for every provider's GptqMatMul.
-  OrtStatus* st = RegisterCpuOps(domain, api, op_version, ShapeInferenceSafe(api_base->GetVersionString()));
+  const bool shape_inference = ShapeInferenceSafe(api_base->GetVersionString());
+  OrtStatus* st = RegisterCpuOps(domain, api, op_version, shape_inference);
 #ifdef ONNX_GPTQ_WITH_CUDA
-  if (!st) st = onnx_gptq_register_cuda_ops(api, op_version, domain);
+  if (!st) st = onnx_gptq_register_cuda_ops(api, op_version, domain, shape_inference ? 1 : 0);
 #endif
   if (!st) st = api->AddCustomOpDomain(options, domain);
   if (st) {
