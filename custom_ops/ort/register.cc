@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../kernels/cpu/gptq_matmul_cpu.h"
+#include "abi_probe.h"
 #include "cpu_op.h"
 #include "gptq_op.h"
 #include "ort_abi.h"
@@ -68,11 +69,14 @@ ONNX_GPTQ_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const 
     api->ReleaseCustomOpDomain(domain);
     return st;
   }
+  OrtCustomOpDomain* probe_domain = nullptr;  // only in tests/test_ort_abi.py (see abi_probe.h)
+  if (AbiProbeArmed()) st = AddAbiProbeDomain(api_base, api, op_version, options, &probe_domain);
   DomainRegistry& reg = Registry();
   std::lock_guard<std::mutex> lock(reg.mu);
   reg.api = api;
   reg.domains.push_back(domain);
-  return nullptr;
+  if (probe_domain) reg.domains.push_back(probe_domain);
+  return st;
 }
 
 // 1 when the library was built with the CUDA kernels (for onnx_gptq.custom_ops).
