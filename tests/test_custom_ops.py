@@ -367,6 +367,24 @@ def test_K_attribute_mismatch_names_input() -> None:
     assert "input 'A'" in msg and "[..., 160]" in msg
 
 
+@pytest.mark.parametrize("elem,name", [(onnx.TensorProto.BFLOAT16, "bfloat16"), (onnx.TensorProto.DOUBLE, "float64")])
+def test_unsupported_activation_type_names_the_cpu_types(elem: int, name: str) -> None:
+    """Defect 10: A of a type the CPU kernel lacks fails at session creation
+    with the types it takes, not "could not find an implementation"."""
+    qw = make_weight(16, 64, 4, 32)
+    model = _model_with(qw)
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = elem
+    scales = next(init for init in model.graph.initializer if init.name == "scales")
+    scales.CopyFrom(helper.make_tensor("scales", elem, qw.scales.shape, qw.scales.ravel().tolist()))
+    with pytest.raises(Exception) as info:
+        custom_ops.make_session(model)
+    msg = str(info.value)
+    assert f"GptqMatMul node 'gptq_matmul': input 'A' (#0, tensor 'A') is {name}" in msg
+    assert "the CPU kernel takes float32 or float16" in msg
+    assert ("CUDA" in msg) == (name == "bfloat16")
+
+
 def test_bad_bits_attribute_fails_at_session_creation() -> None:
     qw = make_weight(16, 128, 4, 32)
     with pytest.raises(Exception, match="bits=5 must be 2, 3, 4 or 8"):
