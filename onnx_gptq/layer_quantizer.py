@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -21,8 +21,10 @@ from onnx_gptq import rewrite
 from onnx_gptq.calibrate.statistics import HessianStats, weight_hessian
 from onnx_gptq.config import QuantConfig
 from onnx_gptq.report import LayerRow, PhaseTimer, Report
-from onnx_gptq.solve import SolveResult, solve
 from onnx_gptq.targets import WeightGroup
+
+if TYPE_CHECKING:  # solve imports torch: only when a weight is solved
+    from onnx_gptq.solve import SolveResult
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class LayerQuantizer:
         self.bar: Any = None
 
     def _solve_one(self, group: WeightGroup, stats: Mapping[str, HessianStats]) -> tuple[SolveResult, int]:
+        from onnx_gptq.solve import solve
+
         hessian, rows = weight_hessian([t.activation.name for t in group.targets], stats)
         w = group.load()  # [K, N]; read from disk only now
         result = solve(w.T, hessian, self.config, scale_dtype=scale_dtype(group.dtype),
