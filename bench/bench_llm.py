@@ -140,7 +140,7 @@ def _child_quantize(spec: dict[str, Any]) -> dict[str, Any]:
         _ort_quantizer(spec)
     else:
         from onnx_gptq.config import CalibConfig, QuantConfig
-        from onnx_gptq.quantize import quantize_with_report
+        from onnx_gptq.pipeline import quantize_with_report
 
         config = QuantConfig(**spec["config"])
         calib = CalibConfig(num_samples=max(1, spec["samples"]), seq_len=spec["seq_len"],

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devtools import assets  # noqa: E402
 from onnx_gptq.tools import export  # noqa: E402
 from onnx_gptq.config import CalibConfig, QuantConfig  # noqa: E402
-from onnx_gptq.quantize import quantize_with_report  # noqa: E402
+from onnx_gptq.pipeline import quantize_with_report  # noqa: E402
 from onnx_gptq.tools.tokenizer import load_tokenizer  # noqa: E402
 
 

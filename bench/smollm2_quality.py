@@ -18,7 +18,7 @@ from devtools import assets  # noqa: E402
 from onnx_gptq.tools import export  # noqa: E402
 from onnx_gptq.config import CalibConfig, QuantConfig  # noqa: E402
 from onnx_gptq.tools.evaluate import evaluate  # noqa: E402
-from onnx_gptq.quantize import quantize_with_report  # noqa: E402
+from onnx_gptq.pipeline import quantize_with_report  # noqa: E402
 
 tok = str(assets.smollm2_gguf())
 calib, ev = (str(p) for p in assets.sotu_split_files())

@@ -30,7 +30,7 @@ from devtools import assets  # noqa: E402
 from onnx_gptq import CalibConfig, QuantConfig  # noqa: E402
 from onnx_gptq.tools.evaluate import evaluate  # noqa: E402
 from onnx_gptq.tools.export import export_model  # noqa: E402
-from onnx_gptq.quantize import quantize  # noqa: E402
+from onnx_gptq.pipeline import quantize  # noqa: E402
 
 
 def main() -> int:

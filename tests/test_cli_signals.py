@@ -22,10 +22,14 @@ from onnx_gptq.cli import main
 from tests.conftest import _exported
 
 WRAPPER = textwrap.dedent('''
-    import os, sys, time, warnings
+    import os, signal, sys, time, warnings
     import onnx_gptq.solve, onnx_gptq.targets
     from onnx_gptq.cli import main
     from onnx_gptq.errors import ModelError
+
+    # As in a terminal: a job started in the background by a non-interactive
+    # shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     real_solve = onnx_gptq.solve.solve
 

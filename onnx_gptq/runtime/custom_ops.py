@@ -198,14 +198,14 @@ def make_session(model: ModelLike, providers: Sequence[str] | None = None,
         The ``onnxruntime.InferenceSession``.
     Raises:
         CustomOpsLibraryError: the library is missing.
-        ModelError: onnxruntime cannot load the model.
+        Exception: onnxruntime's own, when it cannot load the model.
     """
     from onnx_gptq.runtime.sessions import make_session as open_session
 
     what = f"model '{os.fspath(model)}'" if isinstance(model, (str, os.PathLike)) else "the model"
     return open_session(model, providers=list(providers) if providers else ["CPUExecutionProvider"],
                         options=sess_options if sess_options is not None else ort.SessionOptions(),
-                        what=what, custom_ops=True).session
+                        what=what, custom_ops=True, error=None).session
 
 
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}

@@ -201,7 +201,7 @@ def make_session(model: ModelSource, *, providers: Sequence[Provider] = ("CPUExe
                  custom_ops: bool | None = None, external_folder: Path | None = None,
                  in_memory: Mapping[str, np.ndarray] | None = None, optimize: bool = False,
                  intra_op_num_threads: int | None = None, full_float32: bool = False,
-                 require_providers: bool = False, error: type[UserError] = ModelError) -> Session:
+                 require_providers: bool = False, error: type[UserError] | None = ModelError) -> Session:
     """Open an onnxruntime session: the one place onnx-gptq does.
 
     Args:
@@ -225,7 +225,8 @@ def make_session(model: ModelSource, *, providers: Sequence[Provider] = ("CPUExe
         full_float32: run float32 GEMMs in full precision on CUDA (no TF32).
         require_providers: refuse a session that silently fell back from a
             requested provider (e.g. CUDA libraries missing).
-        error: the UserError subclass raised when onnxruntime refuses the model.
+        error: the UserError subclass raised when onnxruntime refuses the model;
+            None lets onnxruntime's own exception through (for callers of the public helpers).
     Returns:
         The :class:`Session`.
     Raises:
@@ -263,6 +264,8 @@ def make_session(model: ModelSource, *, providers: Sequence[Provider] = ("CPUExe
     try:
         session = ort.InferenceSession(source, options, providers=session_providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own unrelated types
+        if error is None:
+            raise
         raise error(f"onnxruntime cannot load {what}: {first_line(exc)}") from exc
     if require_providers:
         active = session.get_providers()
