@@ -60,15 +60,15 @@ void RecordValue(const char* slot, const std::string& err, const std::string& va
   Record(slot, err.empty() ? value : "FAIL: " + err);
 }
 
-std::string ReadName(const OrtApi* api, const char* slot,
-                     OrtStatus* (*get)(const OrtApi*, const OrtKernelInfo*, char*, size_t*), const OrtKernelInfo* info) {
+// Reads a string through one of onnxruntime's (buffer, size) getters.
+void ReadName(const OrtApi* api, const char* slot, const OrtKernelInfo* info,
+              OrtStatus* (*get)(const OrtApi*, const OrtKernelInfo*, char*, size_t*)) {
   size_t size = 0;
   std::string err = Take(api, get(api, info, nullptr, &size));
   std::string value(size, '\0');
   if (err.empty() && size > 0) err = Take(api, get(api, info, &value[0], &size));
   value.resize(std::strlen(value.c_str()));
   RecordValue(slot, err, value);
-  return value;
 }
 
 // ------------------------------------------------------------------ without a kernel
@@ -162,19 +162,6 @@ struct ProbeKernel {
   int64_t i = 0;
 };
 
-OrtStatus* GetNodeName(const OrtApi* api, const OrtKernelInfo* info, char* out, size_t* size) {
-  return api->KernelInfo_GetNodeName(info, out, size);
-}
-OrtStatus* GetInputName0(const OrtApi* api, const OrtKernelInfo* info, char* out, size_t* size) {
-  return api->KernelInfo_GetInputName(info, 0, out, size);
-}
-OrtStatus* GetOutputName0(const OrtApi* api, const OrtKernelInfo* info, char* out, size_t* size) {
-  return api->KernelInfo_GetOutputName(info, 0, out, size);
-}
-OrtStatus* GetAttrS(const OrtApi* api, const OrtKernelInfo* info, char* out, size_t* size) {
-  return api->KernelInfoGetAttribute_string(info, "s", out, size);
-}
-
 OrtStatusPtr CreateProbeKernel(const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** kernel) {
   ProbeKernel* k = new (std::nothrow) ProbeKernel;
   if (!k) return api->CreateStatus(ORT_FAIL, "AbiProbe: out of memory");
@@ -187,15 +174,23 @@ OrtStatusPtr CreateProbeKernel(const OrtCustomOp*, const OrtApi* api, const OrtK
   RecordValue("KernelInfoGetAttribute_int64", err,
               std::to_string(k->i) + (missing ? "" : " (and no error for a missing attribute)"));
   Take(api, missing);
-  ReadName(api, "KernelInfoGetAttribute_string", &GetAttrS, info);
+  ReadName(api, "KernelInfoGetAttribute_string", info, [](const OrtApi* a, const OrtKernelInfo* i, char* out, size_t* n) {
+    return a->KernelInfoGetAttribute_string(i, "s", out, n);
+  });
   size_t count = 0;
   err = Take(api, api->KernelInfo_GetInputCount(info, &count));
   RecordValue("KernelInfo_GetInputCount", err, std::to_string(count));
   err = Take(api, api->KernelInfo_GetOutputCount(info, &count));
   RecordValue("KernelInfo_GetOutputCount", err, std::to_string(count));
-  ReadName(api, "KernelInfo_GetInputName", &GetInputName0, info);
-  ReadName(api, "KernelInfo_GetOutputName", &GetOutputName0, info);
-  ReadName(api, "KernelInfo_GetNodeName", &GetNodeName, info);
+  ReadName(api, "KernelInfo_GetInputName", info, [](const OrtApi* a, const OrtKernelInfo* i, char* out, size_t* n) {
+    return a->KernelInfo_GetInputName(i, 0, out, n);
+  });
+  ReadName(api, "KernelInfo_GetOutputName", info, [](const OrtApi* a, const OrtKernelInfo* i, char* out, size_t* n) {
+    return a->KernelInfo_GetOutputName(i, 0, out, n);
+  });
+  ReadName(api, "KernelInfo_GetNodeName", info, [](const OrtApi* a, const OrtKernelInfo* i, char* out, size_t* n) {
+    return a->KernelInfo_GetNodeName(i, out, n);
+  });
   OrtTypeInfo* type_info = nullptr;
   err = Take(api, api->KernelInfo_GetInputTypeInfo(info, 0, &type_info));
   Check("KernelInfo_GetInputTypeInfo", err.empty() && type_info, err);
