@@ -277,20 +277,25 @@ def read_packed(model: ir.Model, suffix: str = "_B") -> dict[str, QuantizedWeigh
                                                (CUSTOM_DOMAIN, CUSTOM_OP_TYPE)):
             continue
 
-        def const(i: int, node: ir.Node = node) -> np.ndarray | None:
+        order = contract.MATMULNBITS_INPUTS if node.op_type == contract.MATMULNBITS_OP_TYPE else contract.GPTQ_INPUTS
+
+        def const(input_name: str, node: ir.Node = node, order: tuple[str, ...] = order) -> np.ndarray | None:
+            i = order.index(input_name)
             value = node.inputs[i] if len(node.inputs) > i else None
             return None if value is None or value.const_value is None else value.const_value.numpy()
 
-        attrs = {a: node.attributes.get_int(a) for a in ("K", "N", "bits", "block_size")}
-        scales = const(2)
+        attrs = {a: node.attributes.get_int(a) for a in contract.GPTQ_ATTRIBUTES}  # MatMulNBits has them too
+        scales = const("scales")
         assert scales is not None, f"{node.name}: scales are not a constant"
-        if node.op_type == "MatMulNBits":
+        if node.op_type == contract.MATMULNBITS_OP_TYPE:
             qw = pack.unpack_matmulnbits(
-                pack.MatMulNBitsTensors(B=const(1), scales=scales.astype(np.float32), zero_points=const(3), **attrs),
+                pack.MatMulNBitsTensors(B=const("B"), scales=scales.astype(np.float32),
+                                        zero_points=const("zero_points"), **attrs),
                 group_size=min(attrs["block_size"], attrs["K"]))
         else:
-            qw = pack.unpack_custom(pack.CustomOpTensors(B=const(1), scales=scales.astype(np.float32),
-                                                         zero_points=const(3), g_idx=const(4), **attrs))
+            qw = pack.unpack_custom(pack.CustomOpTensors(B=const("B"), scales=scales.astype(np.float32),
+                                                         zero_points=const("zero_points"), g_idx=const("g_idx"),
+                                                         **attrs))
         found[strip.sub("", node.inputs[1].name or "")] = qw
     return found
 
