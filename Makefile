@@ -71,7 +71,7 @@ sanitize: $(STAMP)
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_string_checks=1 \
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-		$(PY) -m pytest -q -p no:cacheprovider tests/test_custom_ops.py tests/test_fuzz_gptq_matmul.py
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_custom_ops.py tests/test_fuzz_gptq_matmul.py tests/test_ort_abi.py
 
 clean:
 	rm -rf $(VENV) build onnx_gptq/_lib .pytest_cache

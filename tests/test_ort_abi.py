@@ -151,3 +151,18 @@ def test_no_kernel_defines_status_numbers_of_its_own() -> None:
             assert "ONNX_GPTQ_CUDA_ERR" not in path.read_text(), f"{path} uses the old CUDA status names"
     for path in [ROOT / "devtools" / "cuda_kernels.py", ROOT / "tests" / "test_cuda_kernels.py"]:
         assert not re.search(r"STATUS_\w+ = \d", path.read_text()), f"{path} copies a status number"
+
+
+def test_every_provider_takes_the_op_description_and_checks_from_gptq_op() -> None:
+    """The op's input names, attributes and checks are written once (gptq_op.cc): the CUDA glue,
+    which cannot run here, must describe and check its op with the CPU op's functions."""
+    ort_dir = ROOT / "custom_ops" / "ort"
+    contract_literals = re.compile(r'"(zero_points|g_idx|scales|block_size|bits)"')
+    for path in sorted(ort_dir.glob("*.cc")):
+        if path.name != "gptq_op.cc":
+            assert not contract_literals.search(path.read_text()), f"{path.name} spells out the op's contract"
+    for path in (ort_dir / "cpu_op.cc", ort_dir / "cuda_gptq_matmul.cc"):
+        source = path.read_text()
+        for shared in ("InitGptqOpDef(", "ReadGptqAttrs(", "PrepareGptqCall(", "KernelStatusError("):
+            assert shared in source, f"{path.name} does not call {shared[:-1]}"
+        assert "enum" not in source, f"{path.name} declares an enum of its own"
