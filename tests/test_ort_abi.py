@@ -10,10 +10,12 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from onnx_gptq.runtime import custom_ops
 
@@ -121,7 +123,7 @@ def test_the_probe_stays_off_unless_armed() -> None:
     except Exception as exc:  # onnxruntime raises its own types (Fail, InvalidGraph) here
         assert "AbiProbe" in str(exc) or "abi_probe" in str(exc)
     else:
-        raise AssertionError("the probe op was registered without being armed")
+        pytest.fail("the probe op was registered without being armed")
 
 
 def _header_status_list() -> list[tuple[str, int, str]]:
@@ -166,3 +168,9 @@ def test_every_provider_takes_the_op_description_and_checks_from_gptq_op() -> No
         for shared in ("InitGptqOpDef(", "ReadGptqAttrs(", "PrepareGptqCall(", "KernelStatusError("):
             assert shared in source, f"{path.name} does not call {shared[:-1]}"
         assert "enum" not in source, f"{path.name} declares an enum of its own"
+
+
+def test_a_library_older_than_the_status_codes_is_named_with_a_rebuild_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(custom_ops, "_load", lambda path: types.SimpleNamespace())  # no status symbols
+    with pytest.raises(custom_ops.CustomOpsLibraryError, match=r"predates the kernels' shared status codes.*pip inst"):
+        custom_ops.status_codes()
