@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_gptq import custom_ops
+from onnx_gptq.runtime import custom_ops
 from onnx_gptq.pack import MATMULNBITS_BITS, pack_custom, pack_matmulnbits
 from onnx_gptq.qweight import QuantizedWeight
 

@@ -8,7 +8,7 @@ For each K x N in 4096x4096, 4096x11008, 11008x4096 and each M it times, with
 CUDA events around CUDA-graph replays (so Python launch overhead is not
 counted), warmup and the median of several replays:
 
-* ours: `onnx_gptq.cuda_kernels.gptq_matmul_cuda` (GEMV path for M <= 8,
+* ours: `devtools.cuda_kernels.gptq_matmul_cuda` (GEMV path for M <= 8,
   tensor cores above), fp16 activations, asymmetric 4-bit, group 128;
 * cuBLAS: `torch.nn.functional.linear` in fp16 with the dense weight;
 * torch int4: `torch._weight_int4pack_mm` (bf16 activations, weight from
@@ -32,10 +32,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-try:
-    import onnx_gptq  # noqa: F401 - installed (pip install -e .)
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The checkout's root: devtools/ (the CUDA entry point's ctypes binding) lives
+# there, and onnx_gptq too when it is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _die(message: str) -> None:
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         _die("needs an NVIDIA GPU with a CUDA build of torch (torch.cuda.is_available() is False; "
              f"torch {torch.__version__}); run it on a GPU machine")
-    from onnx_gptq import cuda_kernels
+    from devtools import cuda_kernels
 
     try:
         cuda_kernels._library()

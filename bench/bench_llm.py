@@ -140,7 +140,7 @@ def _child_quantize(spec: dict[str, Any]) -> dict[str, Any]:
         _ort_quantizer(spec)
     else:
         from onnx_gptq.config import CalibConfig, QuantConfig
-        from onnx_gptq.quantize import quantize_with_report
+        from onnx_gptq.pipeline import quantize_with_report
 
         config = QuantConfig(**spec["config"])
         calib = CalibConfig(num_samples=max(1, spec["samples"]), seq_len=spec["seq_len"],
@@ -193,8 +193,8 @@ def _ort_quantizer(spec: dict[str, Any]) -> None:
 
 
 def _child_speed(model: str, prompt_len: int) -> dict[str, Any]:
-    from onnx_gptq.calib_data import ModelInputs
-    from onnx_gptq.evaluate import open_session
+    from onnx_gptq.calibrate import ModelInputs
+    from onnx_gptq.tools.evaluate import open_session
     import onnx
 
     session = open_session(model)
@@ -255,10 +255,10 @@ def file_size(path: Path) -> int:
 
 def prepare(settings: Settings, rows: list[Row]) -> dict[str, Any]:
     """Fetch assets, export the float model, tokenize calibration and evaluation windows."""
-    from onnx_gptq import assets
-    from onnx_gptq.evaluate import text_windows
-    from onnx_gptq.export import export_model
-    from onnx_gptq.tokenizer import load_tokenizer
+    from devtools import assets
+    from onnx_gptq.tools.evaluate import text_windows
+    from onnx_gptq.tools.export import export_model
+    from onnx_gptq.tools.tokenizer import load_tokenizer
 
     gguf = assets.smollm2_gguf()
     calib_file, eval_file = assets.sotu_split_files()
@@ -288,7 +288,7 @@ def prepare(settings: Settings, rows: list[Row]) -> dict[str, Any]:
 
 def run_row(row: Row, settings: Settings, prepared: dict[str, Any]) -> dict[str, Any]:
     """Quantize (in a child), evaluate against fp32, and time (in another child) one row."""
-    from onnx_gptq.evaluate import evaluate_ids
+    from onnx_gptq.tools.evaluate import evaluate_ids
 
     fp32: Path = prepared["fp32"]
     result: dict[str, Any] = {"row": row.name, "label": row.label}
@@ -393,7 +393,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    from onnx_gptq.assets import cache_root
+    from devtools.assets import cache_root
 
     quick = args.quick
     return Settings(samples=args.samples or (16 if quick else 128),

@@ -26,17 +26,18 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnx_gptq import calib_data, calibrate, rewrite, targets  # noqa: E402
+from onnx_gptq import calibrate, rewrite, targets  # noqa: E402
 from onnx_gptq.config import CalibConfig, QuantConfig  # noqa: E402
-from onnx_gptq.quantize import quantize_with_report  # noqa: E402
-from onnx_gptq.solve import relative_error  # noqa: E402
+from onnx_gptq.pipeline import quantize_with_report  # noqa: E402
+from onnx_gptq.error_traces import relative_error  # noqa: E402
 
 logger = logging.getLogger("bench_vs_ort")
 
 
 def smollm2(workdir: Path) -> tuple[Path, Path, Path]:
     """SmolLM2-135M exported to fp32 ONNX, its GGUF (tokenizer), and the pre-2000 SOTU text."""
-    from onnx_gptq import assets, export
+    from devtools import assets
+    from onnx_gptq.tools import export
 
     gguf = assets.smollm2_gguf()
     model = workdir / "smollm2.onnx"
@@ -123,7 +124,7 @@ def main() -> None:
 
     calib = CalibConfig(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=4)
     proto = onnx.load(str(args.model), load_external_data=False)
-    batches = calib_data.make_batches(args.text, proto, calib, tokenizer=args.tokenizer)
+    batches = calibrate.make_batches(args.text, proto, calib, tokenizer=args.tokenizer)
     ids = np.concatenate([b["input_ids"] for b in batches])
     ids_path = args.workdir / "calib_ids.npy"
     np.save(ids_path, ids)  # every row sees exactly these tokens

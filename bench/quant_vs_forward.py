@@ -18,10 +18,11 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnx_gptq import assets, export  # noqa: E402
+from devtools import assets  # noqa: E402
+from onnx_gptq.tools import export  # noqa: E402
 from onnx_gptq.config import CalibConfig, QuantConfig  # noqa: E402
-from onnx_gptq.quantize import quantize_with_report  # noqa: E402
-from onnx_gptq.tokenizer import load_tokenizer  # noqa: E402
+from onnx_gptq.pipeline import quantize_with_report  # noqa: E402
+from onnx_gptq.tools.tokenizer import load_tokenizer  # noqa: E402
 
 
 def main() -> None:

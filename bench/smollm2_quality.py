@@ -14,10 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnx_gptq import assets, export  # noqa: E402
+from devtools import assets  # noqa: E402
+from onnx_gptq.tools import export  # noqa: E402
 from onnx_gptq.config import CalibConfig, QuantConfig  # noqa: E402
-from onnx_gptq.evaluate import evaluate  # noqa: E402
-from onnx_gptq.quantize import quantize_with_report  # noqa: E402
+from onnx_gptq.tools.evaluate import evaluate  # noqa: E402
+from onnx_gptq.pipeline import quantize_with_report  # noqa: E402
 
 tok = str(assets.smollm2_gguf())
 calib, ev = (str(p) for p in assets.sotu_split_files())

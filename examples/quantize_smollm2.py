@@ -26,10 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnx_gptq import CalibConfig, QuantConfig, assets  # noqa: E402
-from onnx_gptq.evaluate import evaluate  # noqa: E402
-from onnx_gptq.export import export_model  # noqa: E402
-from onnx_gptq.quantize import quantize  # noqa: E402
+from devtools import assets  # noqa: E402
+from onnx_gptq import CalibConfig, QuantConfig  # noqa: E402
+from onnx_gptq.tools.evaluate import evaluate  # noqa: E402
+from onnx_gptq.tools.export import export_model  # noqa: E402
+from onnx_gptq.pipeline import quantize  # noqa: E402
 
 
 def main() -> int:

@@ -21,16 +21,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from onnx_gptq import __version__
-from onnx_gptq.config import Algo, CalibConfig, Format, QuantConfig
+from onnx_gptq.config import SUPPORTED_BITS, Algo, CalibConfig, Format, LayerFilter, QuantConfig
 from onnx_gptq.errors import UserError
 
 logger = logging.getLogger("onnx_gptq")
 
 SUBCOMMANDS = ("export", "eval")
+# Option defaults come from the configs' own defaults, so the two cannot drift apart.
+QUANT, CALIB, LAYERS = QuantConfig(), CalibConfig(), LayerFilter()
 
 
 def _providers(text: str) -> tuple[str, ...]:
-    from onnx_gptq.calibrate import check_providers, default_providers
+    from onnx_gptq.runtime.sessions import check_providers, default_providers
 
     if text == "auto":
         return default_providers()
@@ -50,11 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--calib", help="text file (needs --tokenizer), .npy / .jsonl token ids, "
                                       "or 'self' to sample sequences from the model itself")
     data.add_argument("--tokenizer", help="tokenizer.json, a transformers tokenizer directory, or a .gguf file")
-    data.add_argument("--num-samples", type=int, default=CalibConfig.num_samples, help="sequences (default 128)")
-    data.add_argument("--seq-len", type=int, default=CalibConfig.seq_len, help="tokens per sequence (default 512)")
-    data.add_argument("--batch-size", type=int, default=CalibConfig.batch_size,
-                      help="sequences per onnxruntime run (default 1; a GPU may want more)")
-    data.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows")
+    data.add_argument("--num-samples", type=int, default=CALIB.num_samples,
+                      help=f"sequences (default {CALIB.num_samples})")
+    data.add_argument("--seq-len", type=int, default=CALIB.seq_len,
+                      help=f"tokens per sequence (default {CALIB.seq_len})")
+    data.add_argument("--batch-size", type=int, default=CALIB.batch_size,
+                      help=f"sequences per onnxruntime run (default {CALIB.batch_size}; a GPU may want more)")
+    data.add_argument("--seed", type=int, default=CALIB.seed,
+                      help=f"seed for drawing calibration windows (default {CALIB.seed})")
     data.add_argument("--sequential", action="store_true",
                       help="collect each block's Hessians with earlier blocks already quantized")
     data.add_argument("--memory-budget", type=float, default=None, metavar="GB",
@@ -64,32 +69,43 @@ def build_parser() -> argparse.ArgumentParser:
                       help="onnxruntime execution providers, comma separated (default: CUDA if present, else CPU)")
 
     quant = parser.add_argument_group("quantization")
-    quant.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
-    quant.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 per channel (default 128)")
+    bits = ", ".join(map(str, SUPPORTED_BITS))
+    quant.add_argument("--bits", type=int, default=QUANT.bits, help=f"{bits} (default {QUANT.bits})")
+    quant.add_argument("--group-size", type=int, default=QUANT.group_size,
+                       help=f"columns per scale; -1 per channel (default {QUANT.group_size})")
     sym = quant.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=False, help="symmetric grid")
-    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (default)")
+    sym.add_argument("--sym", dest="sym", action="store_true", default=QUANT.sym,
+                     help="symmetric grid" + (" (default)" if QUANT.sym else ""))
+    sym.add_argument("--asym", dest="sym", action="store_false",
+                     help="asymmetric grid" + ("" if QUANT.sym else " (default)"))
     order = quant.add_mutually_exclusive_group()
-    order.add_argument("--act-order", dest="act_order", action="store_true", default=True,
-                       help="quantize columns by decreasing Hessian diagonal (default; groups stay contiguous)")
+    order.add_argument("--act-order", dest="act_order", action="store_true", default=QUANT.act_order,
+                       help="quantize columns by decreasing Hessian diagonal (groups stay contiguous)"
+                            + (" (default)" if QUANT.act_order else ""))
     order.add_argument("--no-act-order", dest="act_order", action="store_false",
                        help="quantize columns left to right, as GPTQ without desc_act")
-    quant.add_argument("--dynamic-groups", action="store_true",
+    quant.add_argument("--dynamic-groups", action="store_true", default=not QUANT.static_groups,
                        help="with --act-order: groups formed in activation order (writes g_idx; custom format)")
-    quant.add_argument("--damp", type=float, default=0.01, help="damping, fraction of mean diag(H) (default 0.01)")
-    quant.add_argument("--blocksize", type=int, default=128, help="solver lazy-batch block (default 128)")
-    quant.add_argument("--mse", action="store_true", help="search the clipping range per group")
-    quant.add_argument("--algo", default="gptq", choices=[a.value for a in Algo], help="solver (default gptq)")
-    quant.add_argument("--format", default="auto", choices=[f.value for f in Format],
-                       help="auto (default): MatMulNBits when it can express the result, else our custom op")
-    quant.add_argument("--accuracy-level", type=int, default=0, help="MatMulNBits accuracy_level (default 0)")
+    quant.add_argument("--damp", type=float, default=QUANT.damp,
+                       help=f"damping, fraction of mean diag(H) (default {QUANT.damp})")
+    quant.add_argument("--blocksize", type=int, default=QUANT.blocksize,
+                       help=f"solver lazy-batch block (default {QUANT.blocksize})")
+    quant.add_argument("--mse", action="store_true", default=QUANT.mse, help="search the clipping range per group")
+    quant.add_argument("--algo", default=QUANT.algo.value, choices=[a.value for a in Algo],
+                       help=f"solver (default {QUANT.algo.value})")
+    quant.add_argument("--format", default=QUANT.format.value, choices=[f.value for f in Format],
+                       help=f"default {QUANT.format.value}: MatMulNBits when it can express the result, "
+                            "else our custom op")
+    quant.add_argument("--accuracy-level", type=int, default=QUANT.accuracy_level,
+                       help=f"MatMulNBits accuracy_level (default {QUANT.accuracy_level})")
 
     which = parser.add_argument_group("which layers")
     which.add_argument("--include", action="append", default=[], metavar="REGEX",
                        help="only quantize layers whose node, weight or torch module name matches (repeatable)")
     which.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                        help="leave matching layers float (repeatable)")
-    which.add_argument("--quantize-head", action="store_true", help="also quantize the output head")
+    which.add_argument("--quantize-head", action="store_true", default=LAYERS.quantize_head,
+                       help="also quantize the output head")
 
     run = parser.add_argument_group("execution")
     run.add_argument("--jobs", type=int, default=1, help="weights solved concurrently (default 1)")
@@ -115,7 +131,7 @@ def _configs(args: argparse.Namespace) -> tuple[QuantConfig, CalibConfig]:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from onnx_gptq.quantize import quantize_with_report
+    from onnx_gptq.pipeline import quantize_with_report
 
     quant, calib = _configs(args)
     output = args.output or args.model.with_name(f"{args.model.stem}.q{quant.bits}.onnx")
@@ -143,9 +159,9 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 def _subcommand_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     if name == "export":
-        from onnx_gptq import export as module
+        from onnx_gptq.tools import export as module
     else:
-        from onnx_gptq import evaluate as module
+        from onnx_gptq.tools import evaluate as module
     parser = argparse.ArgumentParser(prog=f"onnx-gptq {name}")
     parser.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     module.configure_parser(parser)

@@ -1,19 +1,27 @@
 """Quantization settings: frozen, validated on construction, no I/O.
 
-`QuantConfig` says *how* weights are quantized (solver and format) and *which*
-layers are (include/exclude patterns, the output head). Calibration settings
-(samples, sequence length, batch) live in :class:`CalibConfig`.
+* :class:`QuantConfig` says *how* weights are quantized (solver and format).
+* :class:`LayerFilter` says *which* layers are (include/exclude patterns, the
+  output head); `targets.find_targets` takes it. QuantConfig's `include`,
+  `exclude` and `quantize_head` are a shorthand for one (`QuantConfig.layers`),
+  so that a single config object covers the common case.
+* :class:`CalibConfig` holds the calibration settings (samples, sequence
+  length, batch, providers, sequential mode, memory budget).
+
+Each serialises to a dict (`to_dict`); the report records all three.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from typing import Any
 
+from onnx_gptq import contract
 from onnx_gptq.errors import ConfigError
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = contract.GPTQ_BITS
 
 
 class Algo(str, enum.Enum):
@@ -42,6 +50,42 @@ def _enum(cls: type[enum.Enum], value: Any, option: str) -> Any:
         raise ConfigError(f"{option}: {value!r} is not one of {choices}") from None
 
 
+def _check_patterns(option: str, patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{option}: {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFilter:
+    """Which MatMul/Gemm weights are quantized.
+
+    A weight is matched by the names of its initializer, its consuming nodes
+    and their torch module paths (`re.search`).
+
+    Args:
+        include: regexes; when given, only matching layers are quantized (a
+            matching output head too).
+        exclude: regexes; matching layers stay float (exclude wins).
+        quantize_head: also quantize the output head (it stays float by default).
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    quantize_head: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        _check_patterns("include", self.include)
+        _check_patterns("exclude", self.exclude)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"include": list(self.include), "exclude": list(self.exclude), "quantize_head": self.quantize_head}
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """How and which weights are quantized.
@@ -65,9 +109,9 @@ class QuantConfig:
             |error|^2.4 (the reference's norm).
         algo: "gptq" or "rtn".
         format: "auto", "ort", "qdq" or "custom".
-        include: regexes; when given, only matching layers are quantized.
-        exclude: regexes; matching layers stay float.
-        quantize_head: also quantize the output head (stays float by default).
+        include: shorthand for ``LayerFilter(include=...)`` (see `layers`).
+        exclude: shorthand for ``LayerFilter(exclude=...)``.
+        quantize_head: shorthand for ``LayerFilter(quantize_head=...)``.
         accuracy_level: MatMulNBits accuracy_level attribute for the ort format
             (0: default; 4: int8 compute on CPU).
     """
@@ -93,6 +137,8 @@ class QuantConfig:
         set_("format", _enum(Format, self.format, "format"))
         set_("include", tuple(self.include))
         set_("exclude", tuple(self.exclude))
+        _check_patterns("include", self.include)
+        _check_patterns("exclude", self.exclude)
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits: {self.bits} is not supported (choose one of 2, 3, 4, 8)")
         if self.group_size != -1 and self.group_size < 1:
@@ -101,26 +147,31 @@ class QuantConfig:
             raise ConfigError(f"damp: {self.damp} must be in [0, 1)")
         if self.blocksize < 1:
             raise ConfigError(f"blocksize: {self.blocksize} must be positive")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
+        if self.accuracy_level not in contract.MATMULNBITS_ACCURACY_LEVELS:
             raise ConfigError(f"accuracy_level: {self.accuracy_level} must be 0..4")
-        if self.format is Format.ORT and self.bits == 3:
-            raise ConfigError("bits: 3-bit weights cannot be written as com.microsoft.MatMulNBits "
+        if self.format is Format.ORT and self.bits not in contract.MATMULNBITS_BITS:
+            raise ConfigError(f"bits: {self.bits}-bit weights cannot be written as com.microsoft.MatMulNBits "
                               "(format 'ort'); use --format custom or auto")
         if self.format is Format.ORT and self.group_size != -1:
             pow2 = self.group_size & (self.group_size - 1) == 0
-            if not pow2 or self.group_size < 16:
+            if not pow2 or self.group_size < contract.MATMULNBITS_MIN_BLOCK:
                 raise ConfigError(f"group_size: {self.group_size} cannot be written as com.microsoft.MatMulNBits "
                                   "(format 'ort' takes powers of two >= 16, or -1); use --format custom or auto")
-            if self.bits == 2 and self.group_size > 256:
+            if self.bits == 2 and self.group_size > contract.MATMULNBITS_MAX_BLOCK_2BIT:
                 raise ConfigError(f"group_size: 2-bit MatMulNBits takes groups of at most 256, not "
                                   f"{self.group_size}; use --format custom or auto")
-        if self.format is Format.QDQ and self.bits not in (4, 8):
+        if self.format is Format.QDQ and self.bits not in contract.QDQ_BITS:
             raise ConfigError(f"bits: {self.bits}-bit weights cannot be written as DequantizeLinear "
                               "(format 'qdq' takes 4 or 8); use --format custom or auto")
         needs_g_idx = self.act_order and not self.static_groups and self.group_size != -1
         if needs_g_idx and self.format in (Format.ORT, Format.QDQ):
             raise ConfigError(f"act_order without static groups needs g_idx, which format "
                               f"'{self.format.value}' cannot express; use --format custom")
+
+    @property
+    def layers(self) -> LayerFilter:
+        """The layer selection this config's include/exclude/quantize_head stand for."""
+        return LayerFilter(include=self.include, exclude=self.exclude, quantize_head=self.quantize_head)
 
     @property
     def needs_g_idx(self) -> bool:
@@ -179,3 +230,9 @@ class CalibConfig:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
         if self.memory_budget is not None and self.memory_budget < 1:
             raise ConfigError(f"memory_budget: {self.memory_budget} must be positive (bytes)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as plain JSON values (providers given with options keep only their names)."""
+        out = dataclasses.asdict(self)
+        out["providers"] = [p if isinstance(p, str) else p[0] for p in self.providers]
+        return out

@@ -29,3 +29,10 @@ class OutputError(UserError):
 
 class NonFiniteError(ModelError):
     """A tensor that would be written (scales, bias, a float weight) holds NaN or Inf."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (onnxruntime's and torch's run to
+    pages), or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -18,9 +18,9 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 
+from onnx_gptq.contract import (MATMULNBITS_BITS, MATMULNBITS_MAX_BLOCK_2BIT, MATMULNBITS_MIN_BLOCK,
+                                QDQ_BITS)
 from onnx_gptq.qweight import QuantizedWeight
-
-MATMULNBITS_BITS = (2, 4, 8)
 
 
 def n_blocks_of(k: int, block_size: int) -> int:
@@ -132,13 +132,13 @@ def unpack_custom(t: CustomOpTensors) -> QuantizedWeight:
 def matmulnbits_block_size(k: int, group_size: int) -> int | None:
     """The MatMulNBits block_size holding `group_size`, or None if it has none.
 
-    MatMulNBits takes power-of-two blocks of at least 16. A per-channel grid
+    MatMulNBits takes power-of-two blocks of at least 16 (`contract`). A per-channel grid
     (group_size == K) fits in one block of the next power of two >= K, whose
     tail is padding.
     """
     if group_size >= k:
-        return max(16, 1 << (k - 1).bit_length())
-    if group_size >= 16 and group_size & (group_size - 1) == 0:
+        return max(MATMULNBITS_MIN_BLOCK, 1 << (k - 1).bit_length())
+    if group_size >= MATMULNBITS_MIN_BLOCK and group_size & (group_size - 1) == 0:
         return group_size
     return None
 
@@ -165,9 +165,9 @@ def can_pack_matmulnbits(qw: QuantizedWeight) -> str | None:
         return "act-order g_idx (MatMulNBits mishandles it with zero points on CPU)"
     block = matmulnbits_block_size(k, qw.group_size)
     if block is None:
-        return f"group size {qw.group_size} (MatMulNBits blocks are powers of two >= 16)"
-    if qw.bits == 2 and block > 256:
-        return f"2-bit block of {block} (MatMulNBits takes 2-bit blocks of at most 256)"
+        return f"group size {qw.group_size} (MatMulNBits blocks are powers of two >= {MATMULNBITS_MIN_BLOCK})"
+    if qw.bits == 2 and block > MATMULNBITS_MAX_BLOCK_2BIT:
+        return f"2-bit block of {block} (MatMulNBits takes 2-bit blocks of at most {MATMULNBITS_MAX_BLOCK_2BIT})"
     return None
 
 
@@ -230,8 +230,9 @@ _QDQ_DTYPES = {  # bits -> (signed dtype for symmetric, unsigned dtype for asymm
 
 
 def pack_qdq(qw: QuantizedWeight) -> QDQTensors:
-    if qw.bits not in _QDQ_DTYPES:
-        raise ValueError(f"cannot pack {qw.bits}-bit codes as DequantizeLinear (takes 4 or 8)")
+    if qw.bits not in QDQ_BITS:
+        raise ValueError(f"cannot pack {qw.bits}-bit codes as DequantizeLinear (takes "
+                         f"{' or '.join(map(str, QDQ_BITS))})")
     if qw.g_idx is not None:
         raise ValueError("cannot pack act-order g_idx as DequantizeLinear")
     n, k = qw.shape

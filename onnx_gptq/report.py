@@ -52,6 +52,22 @@ class LayerRow:
 
 @dataclasses.dataclass
 class Report:
+    """What one run did, with every setting it ran under.
+
+    Attributes:
+        config: the QuantConfig (`QuantConfig.to_dict`).
+        layers: nodes of each quantized weight, its error, format and time.
+        skipped: every MatMul/Gemm left float, with its reason.
+        format_notes: weights written in another format than asked, and why.
+        phases: wall seconds per phase.
+        size_before, size_after: bytes on disk (path in, path out).
+        verified_tensors: packed tensors read back from the written file and
+            found bit-identical to the solver's (None when no file was written).
+        calib: the CalibConfig (`CalibConfig.to_dict`); None when not calibrated (rtn).
+        selection: the LayerFilter that chose the layers (`LayerFilter.to_dict`).
+        run: execution settings (jobs, device).
+    """
+
     config: dict[str, Any]
     layers: list[LayerRow] = dataclasses.field(default_factory=list)
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
@@ -62,6 +78,9 @@ class Report:
     #: packed tensors read back from the written file and found bit-identical to the
     #: solver's (None when nothing was written to a file).
     verified_tensors: int | None = None
+    calib: dict[str, Any] | None = None
+    selection: dict[str, Any] | None = None
+    run: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

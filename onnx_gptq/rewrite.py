@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
-from onnx_gptq import custom_ops, model_io, pack
+from onnx_gptq import contract, model_io, pack
 from onnx_gptq.config import Format
 from onnx_gptq.errors import ConfigError, NonFiniteError
 from onnx_gptq.qweight import QuantizedWeight
@@ -28,10 +28,10 @@ from onnx_gptq.targets import Target, WeightGroup
 
 logger = logging.getLogger(__name__)
 
-ORT_DOMAIN = "com.microsoft"
-CUSTOM_DOMAIN = custom_ops.DOMAIN
-CUSTOM_OP_TYPE = custom_ops.OP_TYPE
-QDQ_MIN_OPSET = 21
+ORT_DOMAIN = contract.ORT_DOMAIN
+CUSTOM_DOMAIN = contract.GPTQ_DOMAIN
+CUSTOM_OP_TYPE = contract.GPTQ_OP_TYPE
+QDQ_MIN_OPSET = contract.QDQ_MIN_OPSET
 _ORT_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 
 
@@ -175,7 +175,7 @@ def _rewrite_ort(group: WeightGroup, qw: QuantizedWeight, builder: _Builder, acc
     attributes = {"K": t.K, "N": t.N, "bits": t.bits, "block_size": t.block_size,
                   "accuracy_level": accuracy_level}
     for target in group.targets:
-        _packed_node(target, (ORT_DOMAIN, "MatMulNBits"), inputs, attributes, builder, t.N)
+        _packed_node(target, (ORT_DOMAIN, contract.MATMULNBITS_OP_TYPE), inputs, attributes, builder, t.N)
 
 
 def _rewrite_custom(group: WeightGroup, qw: QuantizedWeight, builder: _Builder) -> None:
@@ -273,23 +273,29 @@ def read_packed(model: ir.Model, suffix: str = "_B") -> dict[str, QuantizedWeigh
     strip = re.compile(f"(?:{suffix})$")
     found: dict[str, QuantizedWeight] = {}
     for node in model.graph.all_nodes():
-        if (node.domain, node.op_type) not in ((ORT_DOMAIN, "MatMulNBits"), (CUSTOM_DOMAIN, CUSTOM_OP_TYPE)):
+        if (node.domain, node.op_type) not in ((ORT_DOMAIN, contract.MATMULNBITS_OP_TYPE),
+                                               (CUSTOM_DOMAIN, CUSTOM_OP_TYPE)):
             continue
 
-        def const(i: int, node: ir.Node = node) -> np.ndarray | None:
+        order = contract.MATMULNBITS_INPUTS if node.op_type == contract.MATMULNBITS_OP_TYPE else contract.GPTQ_INPUTS
+
+        def const(input_name: str, node: ir.Node = node, order: tuple[str, ...] = order) -> np.ndarray | None:
+            i = order.index(input_name)
             value = node.inputs[i] if len(node.inputs) > i else None
             return None if value is None or value.const_value is None else value.const_value.numpy()
 
-        attrs = {a: node.attributes.get_int(a) for a in ("K", "N", "bits", "block_size")}
-        scales = const(2)
+        attrs = {a: node.attributes.get_int(a) for a in contract.GPTQ_ATTRIBUTES}  # MatMulNBits has them too
+        scales = const("scales")
         assert scales is not None, f"{node.name}: scales are not a constant"
-        if node.op_type == "MatMulNBits":
+        if node.op_type == contract.MATMULNBITS_OP_TYPE:
             qw = pack.unpack_matmulnbits(
-                pack.MatMulNBitsTensors(B=const(1), scales=scales.astype(np.float32), zero_points=const(3), **attrs),
+                pack.MatMulNBitsTensors(B=const("B"), scales=scales.astype(np.float32),
+                                        zero_points=const("zero_points"), **attrs),
                 group_size=min(attrs["block_size"], attrs["K"]))
         else:
-            qw = pack.unpack_custom(pack.CustomOpTensors(B=const(1), scales=scales.astype(np.float32),
-                                                         zero_points=const(3), g_idx=const(4), **attrs))
+            qw = pack.unpack_custom(pack.CustomOpTensors(B=const("B"), scales=scales.astype(np.float32),
+                                                         zero_points=const("zero_points"), g_idx=const("g_idx"),
+                                                         **attrs))
         found[strip.sub("", node.inputs[1].name or "")] = qw
     return found
 

@@ -18,8 +18,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_gptq.config import QuantConfig
-from onnx_gptq.errors import ConfigError
+from onnx_gptq.config import LayerFilter, QuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -185,22 +184,9 @@ def _main_module(node: ir.Node) -> str:
 
 
 NOT_INCLUDED = "not matched by any include pattern"
+IN_SUBGRAPH = "inside a subgraph (If/Loop/Scan body): only main-graph MatMul/Gemm nodes are quantized"
 # How the other reasons `_selection_reason` gives for a matched weight begin.
 SELECTION_REASONS = ("excluded by pattern", "output head stays float", "weight of shape")
-
-
-def check_patterns(config: QuantConfig) -> None:
-    """Refuse include/exclude patterns that are not valid regular expressions.
-
-    Raises:
-        ConfigError: naming the option and the pattern.
-    """
-    for option, patterns in (("include", config.include), ("exclude", config.exclude)):
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"{option}: {pattern!r} is not a valid regular expression ({exc})") from None
 
 
 def _matches(patterns: Sequence[str], names: Iterable[str]) -> str | None:
@@ -265,23 +251,31 @@ def _target_or_reason(node: ir.Node) -> tuple[Target, ir.Value, list, float] | s
     return target, source, steps, alpha
 
 
-def find_targets(model: ir.Model, config: QuantConfig) -> tuple[list[WeightGroup], list[Skip]]:
+def find_targets(model: ir.Model, layers: LayerFilter | QuantConfig) -> tuple[list[WeightGroup], list[Skip]]:
     """Group the quantizable MatMul/Gemm nodes of `model` by weight.
 
     Args:
-        model: the model (main graph only; subgraphs are left alone).
-        config: include/exclude patterns and whether to quantize the head.
+        model: the model. Only main-graph nodes are quantized; those inside
+            subgraphs (If/Loop/Scan bodies) are skipped with that reason.
+        layers: include/exclude patterns and whether to quantize the head (a
+            QuantConfig stands for its `layers`).
     Returns:
-        (groups to quantize, nodes skipped with reasons), in graph order.
+        (groups to quantize, nodes skipped with reasons), in graph order
+        (subgraph nodes after the main graph's).
     """
+    if isinstance(layers, QuantConfig):
+        layers = layers.layers
     graph = model.graph
     groups: dict[tuple, WeightGroup] = {}
     skips: list[Skip] = []
-    for node in graph:
+    for node in graph.all_nodes():
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             continue
-        found = _target_or_reason(node)
         name = node.name or node.outputs[0].name
+        if node.graph is not graph:
+            skips.append(Skip(name, IN_SUBGRAPH))
+            continue
+        found = _target_or_reason(node)
         if isinstance(found, str):
             skips.append(Skip(name, found))
             continue
@@ -298,24 +292,24 @@ def find_targets(model: ir.Model, config: QuantConfig) -> tuple[list[WeightGroup
         names = [group.source.name or ""]
         for t in group.targets:
             names.extend([t.name, *module_names(t.node)])
-        reason = _selection_reason(group, names, config)
+        reason = _selection_reason(group, names, layers)
         if reason is None:
             selected.append(group)
         else:
             skips.extend(Skip(t.name, reason) for t in group.targets)
-    for skip in skips:
-        logger.info("skipping %s: %s", skip.node, skip.reason)
+    for skip in skips:  # the CLI prints them under -v; DEBUG keeps them out of -v's log lines
+        logger.debug("skipping %s: %s", skip.node, skip.reason)
     return selected, skips
 
 
-def _selection_reason(group: WeightGroup, names: list[str], config: QuantConfig) -> str | None:
-    excluded_by = _matches(config.exclude, names)
+def _selection_reason(group: WeightGroup, names: list[str], layers: LayerFilter) -> str | None:
+    excluded_by = _matches(layers.exclude, names)
     if excluded_by is not None:
         return f"excluded by pattern '{excluded_by}'"
-    included_by = _matches(config.include, names) if config.include else None
-    if config.include and included_by is None:
+    included_by = _matches(layers.include, names) if layers.include else None
+    if layers.include and included_by is None:
         return NOT_INCLUDED
-    if group.is_head and not (config.quantize_head or included_by is not None):
+    if group.is_head and not (layers.quantize_head or included_by is not None):
         return "output head stays float (use --quantize-head, or name it in --include)"
     k, n = group.shape
     if k < 2 or n < 1:

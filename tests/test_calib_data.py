@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_gptq.calib_data import ModelInputs, make_batches
+from onnx_gptq.calibrate import ModelInputs, make_batches
 from onnx_gptq.calibrate import collect_hessians
 from onnx_gptq.config import CalibConfig
 from onnx_gptq.errors import CalibrationError
@@ -189,7 +189,7 @@ def test_static_dims_clip_sequence_and_batch(tmp_path: Path, caplog: pytest.LogC
     model = _lm(ids_dims=(1, 8), past=False)
     path = tmp_path / "ids.jsonl"
     path.write_text("\n".join(json.dumps({"input_ids": list(range(1, n + 1))}) for n in (12, 5, 9)), encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="onnx_gptq.calib_data"):
+    with caplog.at_level(logging.WARNING, logger="onnx_gptq.calibrate.batching"):
         batches = make_batches(path, model, CalibConfig(num_samples=8, seq_len=512, batch_size=4))
     assert [b["input_ids"].tolist() for b in batches] == [[list(range(1, 9))], [list(range(1, 9))]]
     assert "shorter than the model's fixed sequence length 8" in caplog.text

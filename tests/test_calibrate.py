@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_gptq import calibrate, custom_ops
+from onnx_gptq.calibrate import statistics, taps
+from onnx_gptq.runtime import custom_ops, sessions
 from onnx_gptq.calibrate import HessianStats, collect_hessians
 from onnx_gptq.errors import CalibrationError, ConfigError, ModelError
 
@@ -139,23 +140,25 @@ def test_k_from_consumer_weight_or_shape_inference() -> None:
 def test_several_passes_give_the_same_result(caplog: pytest.LogCaptureFixture) -> None:
     model = _mlp()
     feeds = iter(_batches(3))  # a one-shot iterator must be replayed for each pass
-    budget = K_MID * K_MID * 4  # room for one activation per pass
-    with caplog.at_level(logging.INFO, logger="onnx_gptq.calibrate"):
-        split = collect_hessians(model, ["x", "r"], feeds, max_output_bytes=budget)
+    budget = statistics.hessian_bytes(K_MID)  # room for one activation per pass
+    with caplog.at_level(logging.INFO, logger="onnx_gptq.calibrate.run"):
+        split = collect_hessians(model, ["x", "r"], feeds, memory_budget=budget)
     assert "2 passes" in caplog.text
-    single = collect_hessians(model, ["x", "r"], _batches(3), max_output_bytes=1 << 40)
+    single = collect_hessians(model, ["x", "r"], _batches(3), memory_budget=1 << 40)
     for name in ("x", "r"):
         assert split[name].rows == single[name].rows
         np.testing.assert_allclose(split[name].xtx, single[name].xtx, rtol=1e-6, atol=0)
 
 
 def test_pass_planning_orders_by_graph_and_respects_budget() -> None:
-    taps = [calibrate._Tap(name=f"t{i}", k=k, xtx_output="", size_output="", order=order)
-            for i, (k, order) in enumerate([(4, 3), (8, 1), (4, 2), (16, 0)])]
-    passes = calibrate._split_passes(taps, 8 * 8 * 4 + 4 * 4 * 4)
+    found = [taps.Tap(name=f"t{i}", k=k, xtx_output="", size_output="", order=order)
+             for i, (k, order) in enumerate([(4, 3), (8, 1), (4, 2), (16, 0)])]
+    ordered = sorted(found, key=lambda t: t.order)
+    passes = statistics.plan_passes(ordered, lambda t: {t.name: t.k}, 12 * (8 * 8 + 4 * 4))
     assert [[t.name for t in p] for p in passes] == [["t3"], ["t1", "t2"], ["t0"]]
-    assert [[t.name for t in p] for p in calibrate._split_passes(taps, 1 << 40)] == [["t3", "t1", "t2", "t0"]]
-    assert 0 < calibrate.default_output_budget()
+    whole = statistics.plan_passes(ordered, lambda t: {t.name: t.k}, 1 << 40)
+    assert [[t.name for t in p] for p in whole] == [["t3", "t1", "t2", "t0"]]
+    assert 0 < statistics.default_memory_budget()
 
 
 def test_unneeded_nodes_are_not_run() -> None:
@@ -209,7 +212,7 @@ def test_external_data_model_untouched_and_equal(tmp_path: Path) -> None:
     blob = proto.SerializeToString()
     assert any(t.data_location == TensorProto.EXTERNAL for t in proto.graph.initializer)
 
-    stats = collect_hessians(proto, ["x", "r"], feeds, model_dir=model_dir, max_output_bytes=K_MID * K_MID * 4)
+    stats = collect_hessians(proto, ["x", "r"], feeds, model_dir=model_dir, memory_budget=statistics.hessian_bytes(K_MID))
     for name in ("x", "r"):
         np.testing.assert_allclose(stats[name].xtx, reference[name].xtx, rtol=1e-6)
     assert proto.SerializeToString() == blob
@@ -217,7 +220,7 @@ def test_external_data_model_untouched_and_equal(tmp_path: Path) -> None:
     assert sorted(os.listdir(os.getcwd())) == cwd_before
     options = ort.SessionOptions()  # reused by every pass: the folder option is set once
     again = collect_hessians(proto, ["r", "x"], feeds, model_dir=str(model_dir), session_options=options,
-                             max_output_bytes=1)
+                             memory_budget=1)
     for name in ("x", "r"):
         np.testing.assert_allclose(again[name].xtx, reference[name].xtx, rtol=1e-6)
     assert _snapshot(model_dir) == before
@@ -241,8 +244,8 @@ def test_oversized_embedded_tensors_go_through_memory(monkeypatch: pytest.Monkey
     mixed = onnx.load(tmp_path / "m.onnx", load_external_data=False)
     w1 = next(i for i, t in enumerate(mixed.graph.initializer) if t.name == "W1")
     mixed.graph.initializer[w1].CopyFrom(model.graph.initializer[0])  # W1 embedded, W2 external
-    monkeypatch.setattr(calibrate, "INLINE_BYTES_LIMIT", 0)
-    monkeypatch.setattr(calibrate, "_INLINE_MIN_TENSOR_BYTES", 0)
+    monkeypatch.setattr(taps, "INLINE_BYTES_LIMIT", 0)
+    monkeypatch.setattr(taps, "_INLINE_MIN_TENSOR_BYTES", 0)
     stats = collect_hessians(mixed, ["x", "r"], feeds, model_dir=tmp_path)
     for name in ("x", "r"):
         np.testing.assert_allclose(stats[name].xtx, reference[name].xtx, rtol=1e-6)
@@ -278,32 +281,32 @@ def test_custom_domain_nodes_are_detected_in_subgraphs_and_functions() -> None:
     custom = helper.make_node("GptqMatMul", ["a", "b"], ["c"], domain="onnx_gptq")
     body = helper.make_graph([custom], "body", [], [helper.make_tensor_value_info("c", TensorProto.FLOAT, None)])
     model = _mlp()
-    assert not custom_ops.uses_custom_ops(model)
+    assert not sessions.uses_custom_ops(model)
     model.graph.node.append(helper.make_node("If", ["cond"], ["o"], then_branch=body, else_branch=body))
-    assert custom_ops.uses_custom_ops(model)
+    assert sessions.uses_custom_ops(model)
     with_function = _mlp()
     with_function.functions.append(helper.make_function("local", "F", ["a", "b"], ["c"], [custom],
                                                         [helper.make_opsetid("onnx_gptq", 1)]))
-    assert custom_ops.uses_custom_ops(with_function)
+    assert sessions.uses_custom_ops(with_function)
 
 
 def test_providers_are_checked_and_cuda_gets_full_float32() -> None:
-    providers = calibrate.default_providers()
+    providers = sessions.default_providers()
     assert providers[-1] == "CPUExecutionProvider"
-    assert calibrate.check_providers(providers) == providers
+    assert sessions.check_providers(providers) == providers
     with_options = (("CPUExecutionProvider", {"intra_op_num_threads": "1"}),)
-    assert calibrate.check_providers(with_options) == with_options
+    assert sessions.check_providers(with_options) == with_options
     with pytest.raises(ConfigError, match="providers: MadeUpExecutionProvider is not available"):
-        calibrate.check_providers([("MadeUpExecutionProvider", {})])
-    assert calibrate._session_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        sessions.check_providers([("MadeUpExecutionProvider", {})])
+    assert sessions._cuda_full_float32(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
         ("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
     custom = ("CUDAExecutionProvider", {"device_id": "1"})
-    assert calibrate._session_providers([custom]) == [custom]
+    assert sessions._cuda_full_float32([custom]) == [custom]
 
 
 def test_tiny_llama_export_end_to_end(tiny_llama_onnx: Path, calib_ids: Path) -> None:
     """Real exports: batches from ids, every constant-weight MatMul/Gemm input against numpy."""
-    from onnx_gptq.calib_data import make_batches
+    from onnx_gptq.calibrate import make_batches
     from onnx_gptq.config import CalibConfig
 
     before = _snapshot(tiny_llama_onnx.parent)
@@ -315,7 +318,7 @@ def test_tiny_llama_export_end_to_end(tiny_llama_onnx: Path, calib_ids: Path) ->
                     if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights})
     assert len(names) >= 6  # per layer: attention input, o_proj input, MLP input, down_proj input
     stats = collect_hessians(proto, names, batches, model_dir=tiny_llama_onnx.parent,
-                             max_output_bytes=3 * 96 * 96 * 4)
+                             memory_budget=statistics.hessian_bytes(96) * 3)
     full = onnx.load(tiny_llama_onnx)
     acts = _activations(full, names, batches)
     for name in names:

@@ -81,7 +81,7 @@ def _assert_close(y: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor, d
 def cuda_kernels():
     if not torch.cuda.is_available():
         pytest.fail("cuda-marked tests need a CUDA device (torch.cuda.is_available() is False)")
-    from onnx_gptq import cuda_kernels
+    from devtools import cuda_kernels
 
     return cuda_kernels
 
@@ -183,7 +183,7 @@ def test_bad_inputs_raise_naming_shapes(cuda_kernels) -> None:
 
 def _cuda_library() -> ctypes.CDLL | None:
     """The built library when it was built with CUDA kernels, else None."""
-    from onnx_gptq import custom_ops
+    from onnx_gptq.runtime import custom_ops
 
     if not custom_ops.has_cuda_kernels():
         return None
@@ -197,7 +197,7 @@ def _cuda_library() -> ctypes.CDLL | None:
 
 def test_library_exports_cuda_entry_points_consistently() -> None:
     """has_cuda_kernels() agrees with the symbols, and the C validation runs without a GPU."""
-    from onnx_gptq import custom_ops
+    from onnx_gptq.runtime import custom_ops
 
     lib = ctypes.CDLL(str(custom_ops.library_path()))
     names = ("onnx_gptq_cuda_matmul", "onnx_gptq_cuda_check_g_idx", "onnx_gptq_cuda_error_string",
@@ -243,7 +243,7 @@ def test_onnxruntime_cuda_provider_runs_the_op(tmp_path, dtype: type, m: int) ->
 
     import onnxruntime as ort
 
-    from onnx_gptq import custom_ops
+    from onnx_gptq.runtime import custom_ops
 
     assert "CUDAExecutionProvider" in ort.get_available_providers(), (
         "this test needs onnxruntime-gpu (CUDAExecutionProvider); available: "

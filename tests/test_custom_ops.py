@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from onnx_gptq import custom_ops
+from onnx_gptq.runtime import custom_ops
 from onnx_gptq.pack import CustomOpTensors, pack_custom
 from onnx_gptq.qweight import QuantizedWeight
 
@@ -239,7 +239,7 @@ def test_decode_path_zero_point_does_not_cancel(k: int, group: int | None, m: in
 _PEAK_RSS_CHILD = textwrap.dedent(r"""
     import re, sys
     import numpy as np
-    from onnx_gptq import custom_ops
+    from onnx_gptq.runtime import custom_ops
     from onnx_gptq.pack import CustomOpTensors
     K, N, bits, block_size, M = (int(v) for v in sys.argv[1:])
     blob = -(-block_size * bits // 8)

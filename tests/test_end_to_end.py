@@ -13,9 +13,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from onnx_gptq import custom_ops
+from onnx_gptq.runtime import custom_ops
 from onnx_gptq.config import CalibConfig, QuantConfig
-from onnx_gptq.quantize import quantize, quantize_with_report
+from onnx_gptq.pipeline import quantize, quantize_with_report
 from onnx_gptq.rewrite import read_packed
 from tests.test_rewrite import FEEDS, dequantized_reference, run
 

@@ -1,4 +1,4 @@
-"""onnx_gptq.evaluate: perplexity, KL and top-1 through onnxruntime vs direct torch sums."""
+"""onnx_gptq.tools.evaluate: perplexity, KL and top-1 through onnxruntime vs direct torch sums."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from onnx_gptq import evaluate as ev
+from onnx_gptq.tools import evaluate as ev
 from onnx_gptq.errors import ConfigError, ModelError, UserError
 from tests import tiny_models
 
@@ -89,7 +89,7 @@ def test_kl_and_top1_against_another_model(tiny_llama_onnx: Path, second_llama: 
 
 
 def test_text_windows_and_evaluate(second_llama: Path, char_tokenizer: Path, tmp_path: Path) -> None:
-    from onnx_gptq.tokenizer import load_tokenizer
+    from onnx_gptq.tools.tokenizer import load_tokenizer
 
     text_file = tmp_path / "speech.txt"
     text_file.write_text(TEXT, encoding="utf-8")
@@ -149,7 +149,7 @@ def test_custom_op_models_get_the_library(second_llama: Path, tmp_path: Path,
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from onnx_gptq import custom_ops
+    from onnx_gptq.runtime import custom_ops
 
     graph = helper.make_graph(
         [helper.make_node("GptqMatMul", ["A", "B", "scales"], ["Y"], domain="onnx_gptq")], "g",
@@ -159,16 +159,19 @@ def test_custom_op_models_get_the_library(second_llama: Path, tmp_path: Path,
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                       helper.make_opsetid("onnx_gptq", 1)]),
               str(custom))
-    calls: list[tuple[str, list[str]]] = []
+    calls: list[object] = []
+    real_register = custom_ops.register
 
-    def fake_make_session(model: str, providers: list[str], sess_options: object) -> object:
-        calls.append((model, providers))
-        return ort.InferenceSession(str(second_llama), providers=providers)
+    def counting_register(options: ort.SessionOptions) -> ort.SessionOptions:
+        calls.append(options)
+        return real_register(options)
 
-    monkeypatch.setattr(custom_ops, "make_session", fake_make_session)
-    ev.open_session(custom)
-    assert calls == [(str(custom), ["CPUExecutionProvider"])]
+    monkeypatch.setattr(custom_ops, "register", counting_register)
+    with pytest.raises(ModelError, match="onnxruntime cannot load .*custom.onnx: .*'B'"):
+        ev.open_session(custom)  # the library is registered; the model itself lacks B
+    assert len(calls) == 1
     ev.open_session(second_llama)  # a float model: a plain session
     assert len(calls) == 1
     with pytest.raises(ModelError, match="onnxruntime cannot load .*custom.onnx"):
         ev.open_session(custom, custom_ops=False)
+    assert len(calls) == 1

@@ -1,4 +1,4 @@
-"""onnx_gptq.export: tiny transformers models and plain modules to ONNX, checked vs torch."""
+"""onnx_gptq.tools.export: tiny transformers models and plain modules to ONNX, checked vs torch."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from onnx_gptq import export
+from onnx_gptq.tools import export
 from onnx_gptq.errors import ConfigError, ModelError, OutputError
 from tests import tiny_models
 
@@ -104,7 +104,7 @@ def test_falls_back_to_torchscript_with_warning(tmp_path: Path, monkeypatch: pyt
 
     monkeypatch.setattr(export, "_export_dynamo", broken)
     model = tiny_models.build_llama()
-    with caplog.at_level(logging.WARNING, logger="onnx_gptq.export"):
+    with caplog.at_level(logging.WARNING, logger="onnx_gptq.tools.export"):
         path = export.export_model(model, tmp_path / "ts.onnx")
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -120,7 +120,7 @@ def test_falls_back_to_torchscript_with_warning(tmp_path: Path, monkeypatch: pyt
 def test_check_catches_a_mismatch(tmp_path: Path) -> None:
     path = export.export_model(tiny_models.build_llama(seed=0), tmp_path / "a.onnx",
                                exporter="torchscript")
-    other = export._logits_wrapper(tiny_models.build_llama(seed=1), hf=True, takes_mask=True)
+    other = export.logits_wrapper(tiny_models.build_llama(seed=1), hf=True, takes_mask=True)
     with pytest.raises(export.ExportCheckError, match="differ from torch's"):
         export.check_export(other, path, vocab=tiny_models.VOCAB, seq_len=8, takes_mask=True,
                             dtype="float32")

@@ -33,7 +33,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnx_gptq import custom_ops
+from onnx_gptq.runtime import custom_ops
 from onnx_gptq.pack import pack_custom
 from onnx_gptq.qweight import QuantizedWeight
 from tests.test_custom_ops import ISAS, assert_within_rounding_bound
@@ -266,7 +266,7 @@ def _malformed() -> dict[str, tuple[onnx.ModelProto, np.ndarray, str]]:
 _CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from onnx_gptq import custom_ops
+    from onnx_gptq.runtime import custom_ops
     for name in sys.argv[2:]:
         print(json.dumps({"start": name}), flush=True)
         model = open(f"{sys.argv[1]}/{name}.onnx", "rb").read()

@@ -11,7 +11,8 @@ import onnx_ir as ir
 import pytest
 
 from onnx_gptq.config import CalibConfig, QuantConfig
-from onnx_gptq.quantize import plan_passes, quantize, quantize_with_report
+from onnx_gptq.calibrate.statistics import plan_passes
+from onnx_gptq.pipeline import activation_widths, quantize, quantize_with_report
 from onnx_gptq.rewrite import read_packed
 from onnx_gptq import targets
 from tests.test_rewrite import FEEDS, dequantized_reference, run
@@ -51,8 +52,8 @@ def test_api_returns_the_kind_it_was_given(tiny_llama_onnx, calib_ids):
 def test_passes_and_jobs_do_not_change_the_result(tiny_llama_onnx, calib_ids, tmp_path):
     model = ir.load(tiny_llama_onnx)
     groups, _ = targets.find_targets(model, QuantConfig())
-    assert len(plan_passes(groups, budget=12 * 64 * 64 + 1)) > 3  # about one activation a pass
-    assert len(plan_passes(groups, budget=1 << 40)) == 1
+    assert len(plan_passes(groups, activation_widths, budget=12 * 64 * 64 + 1)) > 3  # about one activation a pass
+    assert len(plan_passes(groups, activation_widths, budget=1 << 40)) == 1
     config = QuantConfig(bits=4, group_size=32)
     one = quantize(tiny_llama_onnx, calib_ids, config, calib=CALIB, output=tmp_path / "one.onnx")
     many = quantize(tiny_llama_onnx, calib_ids, config, output=tmp_path / "many.onnx", jobs=2,

@@ -1,4 +1,4 @@
-"""onnx_gptq.self_calib: sampled calibration ids follow the model's own distribution."""
+"""onnx_gptq.tools.self_calib: sampled calibration ids follow the model's own distribution."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_gptq.errors import CalibrationError, ConfigError
-from onnx_gptq.self_calib import generate_calibration
+from onnx_gptq.tools.self_calib import generate_calibration
 from tests import tiny_models
 
 V = 6
@@ -110,3 +110,32 @@ def test_bad_settings(bigram: Path, tmp_path: Path, table: np.ndarray) -> None:
     static = _bigram(tmp_path / "static.onnx", table, seq=8)
     with pytest.raises(CalibrationError, match="static sequence length of 8"):
         generate_calibration(static, num_samples=1, seq_len=8)
+
+
+def test_self_is_a_calibration_source_like_any_generated_one(bigram: Path) -> None:
+    """"self" resolves through calibrate.sources to SelfCalibration, and any object with
+    generate(model_path, config) plugs in the same way; other sources pass through."""
+    from onnx_gptq.calibrate.sources import GeneratedSource, resolve_generated
+    from onnx_gptq.config import CalibConfig
+    from onnx_gptq.tools.self_calib import SelfCalibration
+
+    config = CalibConfig(num_samples=3, seq_len=5, seed=4, providers=("CPUExecutionProvider",))
+    rows = resolve_generated("self", bigram, config)
+    np.testing.assert_array_equal(rows, generate_calibration(bigram, num_samples=3, seq_len=5, seed=4))
+    greedy = resolve_generated(SelfCalibration(top_k=1), bigram, config)
+    np.testing.assert_array_equal(greedy[:, 1:], np.asarray(table_argmax(bigram))[greedy[:, :-1]])
+
+    class Constant:
+        def generate(self, model_path: Path, config: CalibConfig) -> np.ndarray:
+            return np.full((config.num_samples, config.seq_len), 2, np.int64)
+
+    assert isinstance(Constant(), GeneratedSource)
+    assert resolve_generated(Constant(), bigram, config).tolist() == [[2] * 5] * 3
+    assert resolve_generated("self", None, config) == "self"  # an in-memory model: left to the readers
+    assert resolve_generated("data.txt", bigram, config) == "data.txt"
+
+
+def table_argmax(path: Path) -> np.ndarray:
+    """The greedy next token of the bigram model for each token."""
+    table = numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0])
+    return table.argmax(axis=-1)

@@ -11,7 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_gptq import calibrate, model_io, rewrite, sequential, targets
+from onnx_gptq import calibrate, model_io, rewrite, targets
+from onnx_gptq.calibrate import partition as planner, sequential
 from onnx_gptq.calibrate import HessianStats
 from onnx_gptq.config import QuantConfig
 from onnx_gptq.errors import ModelError
@@ -65,12 +66,12 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 def test_one_stage_per_block_plus_head(tiny_lm_onnx: tuple[str, Path]) -> None:
     _, path = tiny_lm_onnx
     model, groups = _load(path)
-    partition = sequential.plan_stages(model, groups)
+    partition = planner.plan_stages(model, groups)
     assert len(partition.stages) == 3  # layers.0 / h.0, layers.1 / h.1, the head
     per_layer = 7 if "llama" in str(path) else 4
     assert [len(s.groups) for s in partition.stages] == [per_layer, per_layer, 1]
-    assert [sequential.block_key(g) for g in partition.stages[0].groups] == [0] * per_layer
-    assert [sequential.block_key(g) for g in partition.stages[1].groups] == [1] * per_layer
+    assert [planner.block_key(g) for g in partition.stages[0].groups] == [0] * per_layer
+    assert [planner.block_key(g) for g in partition.stages[1].groups] == [1] * per_layer
     assert partition.stages[2].groups[0].is_head
     # The residual stream (plus mask, rotary tables, shape tensors) enters block 1; only hidden states the head.
     assert partition.stages[0].crossing_in == 0
@@ -104,7 +105,7 @@ def test_later_stages_see_quantized_inputs(tiny_lm_onnx: tuple[str, Path], calib
     batches = _batches(calib_ids)
     float_logits = ort.InferenceSession(str(path), providers=list(CPU)).run(["logits"], batches[0])[0]
     reference = _one_pass(model, groups, batches, path.parent)
-    partition = sequential.plan_stages(model, groups)
+    partition = planner.plan_stages(model, groups)
     stage1 = _activations(partition.stages[1].groups)
     taken: set[str] = set()
     solver = _gptq_solver(model, taken)
@@ -214,11 +215,11 @@ def test_no_cut_is_a_model_error() -> None:
     assert len(groups) == 40
     with pytest.raises(ModelError, match=r"fan: cannot calibrate sequentially: no point in the graph where "
                                          r"<= 32 tensors cross .*'mm0'.* the fewest is 40"):
-        sequential.plan_stages(model, groups, name="fan")
+        planner.plan_stages(model, groups, name="fan")
     # A shared graph input does not count: the gap after the first MatMul is crossed by y0, the next by y0, y1...
     shared = _fan_model(4, split=False)
     groups, _ = targets.find_targets(shared, QuantConfig(group_size=8))
-    stages = sequential.plan_stages(shared, groups, max_crossing=2).stages
+    stages = planner.plan_stages(shared, groups, max_crossing=2).stages
     assert [len(s.groups) for s in stages] == [1, 1, 2]
     assert [s.crossing_in for s in stages] == [0, 1, 2]
 
@@ -249,7 +250,7 @@ def test_fan_model_runs_sequentially(tmp_path: Path) -> None:
 
 def test_custom_op_stages_run(tiny_llama_onnx: Path, calib_ids: Path) -> None:
     """3-bit weights become onnx_gptq.GptqMatMul; later stages run them through the custom-op library."""
-    from onnx_gptq import custom_ops
+    from onnx_gptq.runtime import custom_ops
 
     try:
         custom_ops.library_path()
@@ -273,7 +274,7 @@ def test_custom_op_stages_run(tiny_llama_onnx: Path, calib_ids: Path) -> None:
     sequential.run_sequential(model, groups, batches, solve_stage=solve_stage, model_dir=tiny_llama_onnx.parent,
                               providers=CPU)
     assert [n.op_type for n in model.graph].count("GptqMatMul") == 14
-    layer1 = [g.targets[0].activation.name for g in groups if sequential.block_key(g) == 1]
+    layer1 = [g.targets[0].activation.name for g in groups if planner.block_key(g) == 1]
     assert all(_rel(received[a].xtx, reference[a].xtx) > 1e-3 for a in layer1)  # 3-bit block 0 upstream
 
 

@@ -13,7 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from onnx_gptq import sequential, targets
+from onnx_gptq import targets
+from onnx_gptq.calibrate import partition
 from onnx_gptq.config import QuantConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -82,8 +83,8 @@ def test_float16_model_runs_and_is_found_by_targets(tmp_path: Path) -> None:
     model = ir.load(path)
     groups, _ = targets.find_targets(model, QuantConfig(group_size=32, quantize_head=True))
     assert len(groups) == 7 * TINY.layers + 1
-    assert [sequential.block_key(g) for g in groups[:8]] == [0] * 7 + [1]
-    stages = sequential.plan_stages(model, groups).stages
+    assert [partition.block_key(g) for g in groups[:8]] == [0] * 7 + [1]
+    stages = partition.plan_stages(model, groups).stages
     assert [len(s.groups) for s in stages] == [7] * TINY.layers + [1]
     # Residual stream, mask bias, cos, sin enter every block after the first; the head reads hidden states.
     assert [s.crossing_in for s in stages] == [0, 4, 1]

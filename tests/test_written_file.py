@@ -21,11 +21,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from onnx_gptq import cli, custom_ops, grid, model_io, rewrite
+from onnx_gptq import cli, grid, model_io, rewrite
 from onnx_gptq.config import CalibConfig, QuantConfig
 from onnx_gptq.errors import NonFiniteError
-from onnx_gptq.quantize import quantize
+from onnx_gptq.pipeline import quantize
 from onnx_gptq.qweight import QuantizedWeight
+from onnx_gptq.runtime import custom_ops
 from onnx_gptq.solve import solve
 
 VOCAB, HIDDEN, INNER, OUT = 50, 64, 48, 40

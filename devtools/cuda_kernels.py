@@ -77,7 +77,7 @@ class CudaGptqWeight:
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL:
     """The built custom-op library with its CUDA entry points typed."""
-    from onnx_gptq import custom_ops  # lazily: the library may not be built yet
+    from onnx_gptq.runtime import custom_ops  # lazily: the library may not be built yet
 
     path = custom_ops.library_path()
     lib = ctypes.CDLL(str(path))

@@ -1,14 +1,16 @@
-"""onnxruntime sessions that can run ``onnx_gptq.GptqMatMul`` (docs/CUSTOM_OP.md).
+"""The custom-op loader: finds the library that runs ``onnx_gptq.GptqMatMul`` (docs/CUSTOM_OP.md).
 
 The op lives in a shared library built from ``custom_ops/`` by ``pip install .``
 (or ``pip install -e .``) and shipped in ``onnx_gptq/_lib/``. This module finds
-that library, registers it on onnxruntime session options and opens sessions
-with it. The environment variable ``ONNX_GPTQ_CUSTOM_OPS_LIB`` overrides where
-the library is looked for (e.g. a sanitizer build).
+that library and registers it on onnxruntime session options; sessions
+themselves come from :func:`onnx_gptq.runtime.sessions.make_session`
+(:func:`make_session` here is its shortcut with the library always registered).
+The environment variable ``ONNX_GPTQ_CUSTOM_OPS_LIB`` overrides where the
+library is looked for (e.g. a sanitizer build).
 
 The packed layout of the op's inputs comes from :func:`onnx_gptq.pack.pack_custom`;
 :func:`gptq_matmul_model` wraps such tensors in a one-node model (tests,
-benchmarks).
+benchmarks), with the input order of :data:`onnx_gptq.contract.GPTQ_INPUTS`.
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_gptq.contract import GPTQ_DOMAIN, GPTQ_INPUTS, GPTQ_OP_TYPE, GPTQ_OP_VERSION
 from onnx_gptq.errors import UserError
 from onnx_gptq.pack import CustomOpTensors
 
 logger = logging.getLogger(__name__)
 
-DOMAIN = "onnx_gptq"
-OP_TYPE = "GptqMatMul"
-OP_VERSION = 1
+DOMAIN = GPTQ_DOMAIN
+OP_TYPE = GPTQ_OP_TYPE
+OP_VERSION = GPTQ_OP_VERSION
 LIBRARY_ENV = "ONNX_GPTQ_CUSTOM_OPS_LIB"
 
 if sys.platform == "darwin":
@@ -58,7 +61,7 @@ class CustomOpsLibraryError(UserError):
 
 def _candidates() -> list[pathlib.Path]:
     """Where a build may have put the library, most specific first."""
-    package_dir = pathlib.Path(__file__).resolve().parent
+    package_dir = pathlib.Path(__file__).resolve().parents[1]
     found = [package_dir / "_lib" / LIBRARY_NAME]
     # An editable install may keep compiled files next to the installed
     # package metadata rather than in the source tree.
@@ -66,23 +69,6 @@ def _candidates() -> list[pathlib.Path]:
         if entry:
             found.append(pathlib.Path(entry) / "onnx_gptq" / "_lib" / LIBRARY_NAME)
     return found
-
-
-def uses_custom_ops(model: onnx.ModelProto) -> bool:
-    """Whether any node of `model` (main graph, subgraphs, local functions) is in our domain,
-    i.e. whether a session for it needs this library registered."""
-    def walk(nodes) -> bool:
-        for node in nodes:
-            if node.domain == DOMAIN:
-                return True
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH and walk(attr.g.node):
-                    return True
-                if attr.type == onnx.AttributeProto.GRAPHS and any(walk(g.node) for g in attr.graphs):
-                    return True
-        return False
-
-    return walk(model.graph.node) or any(walk(f.node) for f in model.functions)
 
 
 def library_path() -> pathlib.Path:
@@ -137,6 +123,19 @@ def cpu_isa() -> str:
     return _load(str(library_path())).onnx_gptq_cpu_isa().decode()
 
 
+def register(options: ort.SessionOptions) -> ort.SessionOptions:
+    """Register the library on `options` (in place; once per object: onnxruntime
+    rejects a second registration of the domain).
+
+    Raises:
+        CustomOpsLibraryError: the library is missing.
+    """
+    path = library_path()
+    logger.debug("registering custom-op library %s", path)
+    options.register_custom_ops_library(str(path))
+    return options
+
+
 def session_options(sess_options: ort.SessionOptions | None = None, *,
                     intra_op_num_threads: int | None = None) -> ort.SessionOptions:
     """Session options with the custom-op library registered.
@@ -155,10 +154,7 @@ def session_options(sess_options: ort.SessionOptions | None = None, *,
     options = sess_options if sess_options is not None else ort.SessionOptions()
     if intra_op_num_threads is not None:
         options.intra_op_num_threads = intra_op_num_threads
-    path = library_path()
-    logger.debug("registering custom-op library %s", path)
-    options.register_custom_ops_library(str(path))
-    return options
+    return register(options)
 
 
 def make_session(model: ModelLike, providers: Sequence[str] | None = None,
@@ -172,17 +168,17 @@ def make_session(model: ModelLike, providers: Sequence[str] | None = None,
         sess_options: options to use (the library is registered on them);
             None makes new ones.
     Returns:
-        The session.
+        The ``onnxruntime.InferenceSession``.
     Raises:
         CustomOpsLibraryError: the library is missing.
+        Exception: onnxruntime's own, when it cannot load the model.
     """
-    if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    elif isinstance(model, os.PathLike):
-        model = os.fspath(model)
-    options = session_options(sess_options)
-    return ort.InferenceSession(model, sess_options=options,
-                                providers=list(providers) if providers else ["CPUExecutionProvider"])
+    from onnx_gptq.runtime.sessions import make_session as open_session
+
+    what = f"model '{os.fspath(model)}'" if isinstance(model, (str, os.PathLike)) else "the model"
+    return open_session(model, providers=list(providers) if providers else ["CPUExecutionProvider"],
+                        options=sess_options if sess_options is not None else ort.SessionOptions(),
+                        what=what, custom_ops=True, error=None).session
 
 
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
@@ -207,18 +203,16 @@ def gptq_matmul_model(tensors: CustomOpTensors, dtype: np.dtype | type = np.floa
         raise ValueError(f"gptq_matmul_model: dtype must be float32 or float16, got {dtype}")
     elem = _ONNX_TYPES[dtype]
     shape = list(input_shape) if input_shape is not None else ["M", tensors.K]
-    inits = [numpy_helper.from_array(np.ascontiguousarray(tensors.B, dtype=np.uint8), "B"),
-             numpy_helper.from_array(np.ascontiguousarray(tensors.scales, dtype=dtype), "scales")]
-    names = ["A", "B", "scales", "", "", ""]
-    if tensors.zero_points is not None:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(tensors.zero_points, dtype=np.uint8), "zero_points"))
-        names[3] = "zero_points"
-    if tensors.g_idx is not None:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(tensors.g_idx, dtype=np.int32), "g_idx"))
-        names[4] = "g_idx"
-    if bias is not None:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(bias, dtype=dtype), "bias"))
-        names[5] = "bias"
+    arrays = {
+        "B": np.ascontiguousarray(tensors.B, dtype=np.uint8),
+        "scales": np.ascontiguousarray(tensors.scales, dtype=dtype),
+        "zero_points": None if tensors.zero_points is None else np.ascontiguousarray(tensors.zero_points,
+                                                                                      dtype=np.uint8),
+        "g_idx": None if tensors.g_idx is None else np.ascontiguousarray(tensors.g_idx, dtype=np.int32),
+        "bias": None if bias is None else np.ascontiguousarray(bias, dtype=dtype),
+    }
+    inits = [numpy_helper.from_array(array, name) for name, array in arrays.items() if array is not None]
+    names = [GPTQ_INPUTS[0]] + [name if arrays[name] is not None else "" for name in GPTQ_INPUTS[1:]]
     while names and names[-1] == "":
         names.pop()
     node = helper.make_node(OP_TYPE, names, ["Y"], domain=DOMAIN, name="gptq_matmul",

@@ -88,7 +88,7 @@ def smollm2_gguf(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
     Returns:
         Path of ``<cache>/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB). Load it
-        with ``onnx_gptq.export.export_model(path, ...)`` or transformers'
+        with ``onnx_gptq.tools.export.export_model(path, ...)`` or transformers'
         ``from_pretrained(dir, gguf_file=name)``; its tokenizer is embedded.
 
     Raises:

@@ -18,6 +18,7 @@ chains advance together in batches sized to bound the logits memory.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onnx_gptq.config import CalibConfig
 from onnx_gptq.errors import CalibrationError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ def generate_calibration(model_path: str | os.PathLike[str], *, num_samples: int
         ConfigError: a non-positive size, temperature or top_k.
         CalibrationError: the model's sequence axis is static, or it has no input_ids.
     """
-    from onnx_gptq.evaluate import LogitsRunner
+    from onnx_gptq.tools.logits import LogitsRunner
 
     for name, value in (("num_samples", num_samples), ("seq_len", seq_len)):
         if value < 1:
@@ -134,4 +136,37 @@ def generate_calibration(model_path: str | os.PathLike[str], *, num_samples: int
     return np.ascontiguousarray(rows)
 
 
-__all__ = ["generate_calibration"]
+@dataclasses.dataclass(frozen=True)
+class SelfCalibration:
+    """The calibration source ``"self"``: sequences sampled from the float model itself.
+
+    Plugged into calibration through `calibrate.sources.NAMED_SOURCES`; pass an
+    instance as `calibration` to change how it samples.
+
+    Args:
+        temperature: softmax temperature (> 0).
+        top_k: sample among the k most likely tokens; None for all.
+        chain_len: tokens per independently sampled chain (default min(seq_len, 64)).
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    chain_len: int | None = None
+
+    def generate(self, model_path: Path, config: CalibConfig) -> np.ndarray:
+        """int64 [num_samples, seq_len] ids sampled from the model at `model_path`.
+
+        Args:
+            model_path: the float .onnx model.
+            config: samples, sequence length, seed and providers (default: CUDA when present).
+        Returns:
+            The token rows, fed to calibration as pre-tokenized rows.
+        """
+        from onnx_gptq.runtime.sessions import default_providers
+
+        return generate_calibration(model_path, num_samples=config.num_samples, seq_len=config.seq_len,
+                                    seed=config.seed, providers=config.providers or default_providers(),
+                                    temperature=self.temperature, top_k=self.top_k, chain_len=self.chain_len)
+
+
+__all__ = ["SelfCalibration", "generate_calibration"]

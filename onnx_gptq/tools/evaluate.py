@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from onnx_gptq.errors import ConfigError, ModelError, UserError
+from onnx_gptq.tools.logits import LogitsRunner, open_session
 
 logger = logging.getLogger(__name__)
 
@@ -71,86 +72,6 @@ class EvalResult:
         return line
 
 
-def _has_custom_nodes(path: Path) -> bool:
-    import onnx
-
-    from onnx_gptq.custom_ops import uses_custom_ops
-
-    return uses_custom_ops(onnx.load(str(path), load_external_data=False))
-
-
-def open_session(model: str | os.PathLike[str], *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 custom_ops: bool = True) -> Any:
-    """An onnxruntime session for `model`, with our custom-op library when it needs it.
-
-    Args:
-        model: path of an .onnx file.
-        providers: execution providers, in order of preference.
-        custom_ops: register the ``onnx_gptq`` custom-op library when the graph
-            holds nodes of that domain.
-
-    Returns:
-        An ``onnxruntime.InferenceSession``.
-
-    Raises:
-        ModelError: the file is missing or onnxruntime cannot load it; the
-            message names the file.
-    """
-    import onnxruntime as ort
-
-    path = Path(model).expanduser()
-    if not path.is_file():
-        raise ModelError(f"model: {path} does not exist")
-    try:
-        needs_library = custom_ops and _has_custom_nodes(path)
-    except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and others
-        raise ModelError(f"model: {path} is not a readable ONNX file: {exc}") from exc
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        if needs_library:
-            from onnx_gptq.custom_ops import make_session
-
-            # A missing library raises CustomOpsLibraryError (a UserError) saying how to build it.
-            return make_session(str(path), providers=list(providers), sess_options=options)
-        return ort.InferenceSession(str(path), options, providers=list(providers))
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own hierarchy
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model: onnxruntime cannot load {path}: {first}") from exc
-
-
-class LogitsRunner:
-    """A session plus what it takes to feed it token ids and read its logits.
-
-    Inputs other than ``input_ids`` (attention mask, position ids, empty past
-    key/values) are derived by :class:`onnx_gptq.calib_data.ModelInputs`.
-    """
-
-    def __init__(self, path: Path, providers: Sequence[str], custom_ops: bool) -> None:
-        import onnx
-
-        from onnx_gptq.calib_data import ModelInputs
-
-        self.path = path
-        self.session = open_session(path, providers=providers, custom_ops=custom_ops)
-        self.inputs = ModelInputs.from_model(onnx.load(str(path), load_external_data=False))
-        if self.inputs.input_ids is None:
-            raise ModelError(f"model: {path} has no 'input_ids' input")
-        outputs = [o.name for o in self.session.get_outputs()]
-        self.output = "logits" if "logits" in outputs else outputs[0]
-
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        """Logits [batch, seq, vocab] (model dtype) for int ids [batch, seq]."""
-        out = self.session.run([self.output], self.inputs.feeds(ids))[0]
-        if out.ndim != 3 or out.shape[:2] != ids.shape:
-            raise ModelError(f"model: {self.path} output '{self.output}' has shape "
-                             f"{list(out.shape)}; expected [batch, sequence, vocab] for ids "
-                             f"{list(ids.shape)}")
-        return out
-
-
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax of a float32 [rows, vocab] chunk."""
     x = x.astype(np.float32, copy=True)
@@ -159,12 +80,12 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x
 
 
-@dataclasses.dataclass
 class _Totals:
-    nll: float = 0.0
-    kl: float = 0.0
-    agree: int = 0
-    count: int = 0
+    """Running sums over the scored positions: NLL and KL in nats, top-1 agreements, positions."""
+
+    def __init__(self) -> None:
+        self.nll = self.kl = 0.0
+        self.agree = self.count = 0
 
 
 def _score_row(logits: np.ndarray, targets: np.ndarray, ref_logits: np.ndarray | None,
@@ -277,7 +198,7 @@ def text_windows(text: str | os.PathLike[str] | Sequence[str], tokenizer: Any, s
 
     Args:
         text: a file path, or a sequence of documents (joined with a blank line).
-        tokenizer: a spec for :func:`onnx_gptq.tokenizer.load_tokenizer`, or an
+        tokenizer: a spec for :func:`onnx_gptq.tools.tokenizer.load_tokenizer`, or an
             object with ``encode(str) -> list[int]``.
         seq_len: tokens per window.
         max_windows: keep only the first this many windows.
@@ -288,7 +209,7 @@ def text_windows(text: str | os.PathLike[str] | Sequence[str], tokenizer: Any, s
     Raises:
         UserError: the text has fewer than `seq_len` tokens.
     """
-    from onnx_gptq.tokenizer import load_tokenizer
+    from onnx_gptq.tools.tokenizer import load_tokenizer
 
     if seq_len < 2:
         raise ConfigError(f"seq_len: {seq_len} must be at least 2")
