@@ -22,9 +22,11 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_gptq.errors import ModelError
+from onnx_gptq.graph import reads
 
 logger = logging.getLogger(__name__)
 
@@ -207,42 +209,31 @@ def _without_initializers(model: onnx.ModelProto, *, nodes: bool = True) -> onnx
     return copy
 
 
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope names read by the subgraphs of `node` (If/Loop/Scan bodies)."""
-    reads: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else \
-            list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
-        for g in graphs:
-            local = {v.name for v in g.input} | {t.name for t in g.initializer}
-            for inner in g.node:
-                local.update(inner.output)
-            for inner in g.node:
-                reads.update(n for n in inner.input if n and n not in local)
-                reads.update(n for n in _subgraph_reads(inner) if n not in local)
-            reads.update(v.name for v in g.output if v.name not in local)
-    return reads
+def _needed_nodes(model: onnx.ModelProto, targets: set[str]) -> tuple[list[int], set[str]]:
+    """The nodes `targets` depend on, read through onnx_ir like every other graph walk.
 
-
-def _needed_nodes(graph: onnx.GraphProto, targets: set[str]) -> list[int]:
-    """Indices (in order) of the nodes that `targets` depend on."""
-    producer: dict[str, int] = {}
-    for i, node in enumerate(graph.node):
-        for out in node.output:
-            if out:
-                producer[out] = i
+    Returns:
+        (indices, read): the nodes' positions in `model.graph.node`, in order, and
+        every name they read (subgraphs' outer-scope reads included) plus `targets`.
+    """
+    graph = ir.serde.deserialize_graph(model.graph)  # tensors are wrapped, not copied
+    position = {id(node): i for i, node in enumerate(graph)}
+    produced = {v.name: v for node in graph for v in node.outputs if v.name}
     keep: set[int] = set()
-    stack = [producer[n] for n in targets if n in producer]
+    read: set[str] = set(targets)
+    stack = [produced[n].producer() for n in targets if n in produced]
     while stack:
-        i = stack.pop()
-        if i in keep:
+        node = stack.pop()
+        if node is None or id(node) in keep:
             continue
-        keep.add(i)
-        node = graph.node[i]
-        for name in list(node.input) + sorted(_subgraph_reads(node)):
-            if name and name in producer and producer[name] not in keep:
-                stack.append(producer[name])
-    return sorted(keep)
+        keep.add(id(node))
+        for value in reads(node):
+            if value.name:
+                read.add(value.name)
+            producer = value.producer()
+            if producer is not None and id(producer) in position and id(producer) not in keep:
+                stack.append(producer)
+    return sorted(position[k] for k in keep), read
 
 
 def augmented(model: onnx.ModelProto, taps: list[Tap]) -> tuple[onnx.ModelProto, dict[str, TensorProto]]:
@@ -256,12 +247,8 @@ def augmented(model: onnx.ModelProto, taps: list[Tap]) -> tuple[onnx.ModelProto,
     src = model.graph
     aug = _without_initializers(model, nodes=False)
     graph = aug.graph
-    keep = _needed_nodes(src, {t.name for t in taps})
+    keep, read = _needed_nodes(model, {t.name for t in taps})
     graph.node.extend(src.node[i] for i in keep)
-    read: set[str] = {t.name for t in taps}
-    for node in graph.node:
-        read.update(node.input)
-        read.update(_subgraph_reads(node))
     needed_inits = [t for t in src.initializer if t.name in read]
     inline_total = sum(_embedded_bytes(t) for t in needed_inits)
     in_memory: dict[str, TensorProto] = {}
