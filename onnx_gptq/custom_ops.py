@@ -190,7 +190,7 @@ _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): Te
 
 def gptq_matmul_model(tensors: CustomOpTensors, dtype: np.dtype | type = np.float32,
                       bias: np.ndarray | None = None, input_shape: Sequence[int | str] | None = None,
-                      opset: int = 17) -> onnx.ModelProto:
+                      opset: int = 17, accuracy_level: int = 0) -> onnx.ModelProto:
     """A model with one ``GptqMatMul`` node: input ``A`` -> output ``Y``, weights as initializers.
 
     Args:
@@ -199,6 +199,7 @@ def gptq_matmul_model(tensors: CustomOpTensors, dtype: np.dtype | type = np.floa
         bias: optional [N] bias.
         input_shape: shape of A (ints or symbolic names); default ``["M", K]``.
         opset: default-domain opset of the model.
+        accuracy_level: the node's ``accuracy_level`` (4: int8 activations on CPU); 0 writes none.
     Returns:
         The model (onnx.checker-valid).
     """
@@ -223,6 +224,8 @@ def gptq_matmul_model(tensors: CustomOpTensors, dtype: np.dtype | type = np.floa
         names.pop()
     node = helper.make_node(OP_TYPE, names, ["Y"], domain=DOMAIN, name="gptq_matmul",
                             K=tensors.K, N=tensors.N, bits=tensors.bits, block_size=tensors.block_size)
+    if accuracy_level:
+        node.attribute.append(helper.make_attribute("accuracy_level", accuracy_level))
     out_shape = shape[:-1] + [tensors.N]
     graph = helper.make_graph([node], "gptq_matmul",
                               [helper.make_tensor_value_info("A", elem, shape)],
