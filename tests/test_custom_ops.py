@@ -8,6 +8,10 @@ weight is packed by onnx_gptq.pack.pack_custom. The library must be built
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -68,6 +72,59 @@ def assert_matches(y: np.ndarray, ref: np.ndarray, dtype: type) -> None:
     tol = 2e-6 if dtype == np.float32 else 1e-3
     err = float(np.abs(y.astype(np.float64) - ref).max()) / scale
     assert err < tol, f"max error {err:.3g} x max|ref| exceeds {tol:g}"
+
+
+U32 = 2.0 ** -24  # unit roundoff of float32
+U16 = 2.0 ** -11  # unit roundoff of float16
+
+# The rounding bound the kernel must meet, in units of U32 * S, where
+# S[m, n] = sum_k |x[m, k] w[n, k]| + |bias[n]| is the size of the largest
+# partial sum an fp32 dot product can meet. The worst case is K * U32 * S
+# (Higham's gamma_K), but rounding errors of a sum of random-sign terms
+# largely cancel: measured on the fuzz cases, a float32 numpy matmul stays
+# under 0.6 per element and 0.2 in RMS, the kernel's decode path under 0.6 /
+# 0.2 and its GEMM path (sequential over k panels of up to 1024) under 1.3 /
+# 0.3. A path that loses digits systematically (defect 9: the zero point
+# factored out, s * (sum(a*c) - z*sum(a)), 2.4 / 1.6) fails the RMS bound.
+MAX_ERROR_ULPS = 2.0
+RMS_ERROR_ULPS = 0.5
+
+
+def error_in_rounding_units(qw: QuantizedWeight, x: np.ndarray, y: np.ndarray,
+                            bias: np.ndarray | None = None) -> tuple[float, float]:
+    """The kernel's error against the float64 reference, in units of U32 * S.
+
+    Args:
+        qw: the weight; x: [..., K] input; y: the kernel's [..., N] output; bias: optional [N].
+    Returns:
+        (max over elements of |y - ref| / (U32 S), ||y - ref||_F / ||U32 S||_F). For float16
+        outputs the output's own rounding, U16 * |ref| (or half the smallest subnormal), is
+        subtracted first. 0/0 counts as 0 (an exact zero); x/0 as infinity.
+    """
+    ref = reference(qw, x, bias)
+    size = np.abs(x.astype(np.float64)) @ np.abs(qw.dequantize().astype(np.float64)).T
+    if bias is not None:
+        size = size + np.abs(bias.astype(np.float64))
+    err = np.abs(y.astype(np.float64) - ref)
+    if y.dtype == np.float16:
+        err = np.maximum(err - np.maximum(U16 * np.abs(ref), 2.0 ** -25), 0.0)
+    unit = U32 * size
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_element = np.where(err == 0, 0.0, err / unit)
+    total = float(np.sqrt((unit ** 2).sum()))
+    rms = float(np.sqrt((err ** 2).sum())) / total if total > 0 else (0.0 if not err.any() else np.inf)
+    return float(per_element.max(initial=0.0)), rms
+
+
+def assert_within_rounding_bound(qw: QuantizedWeight, x: np.ndarray, y: np.ndarray,
+                                 bias: np.ndarray | None = None) -> None:
+    """Per element |y - ref| <= 2 U32 S; over the output (16 elements or more,
+    fewer are too noisy) ||y - ref||_F <= 0.5 ||U32 S||_F. See MAX_ERROR_ULPS."""
+    assert y.shape == x.shape[:-1] + (qw.shape[0],)
+    worst, rms = error_in_rounding_units(qw, x, y, bias)
+    assert worst <= MAX_ERROR_ULPS, f"max error {worst:.3g} x U32 * sum|a||w| exceeds {MAX_ERROR_ULPS}"
+    if y.size >= 16:
+        assert rms <= RMS_ERROR_ULPS, f"RMS error {rms:.3g} x U32 * sum|a||w| exceeds {RMS_ERROR_ULPS}"
 
 
 # bits x (N, K, group) covering per-channel, groups smaller than a SIMD chunk,
@@ -151,6 +208,56 @@ def test_empty_batch() -> None:
     qw = make_weight(8, 64, 4, 32)
     y = run_op(qw, np.zeros((0, 64), np.float32))
     assert y.shape == (0, 8)
+
+
+@pytest.mark.parametrize("k,group", [(1024, 1146), (4096, None)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_decode_path_zero_point_does_not_cancel(k: int, group: int | None, m: int) -> None:
+    """Defect 9: with 8-bit symmetric codes (zero point 128) the few-row path
+    used to compute s * (sum(a*c) - z*sum(a)), two large sums that cancel: 2.7
+    per element and 1.9 RMS (in U32 * S) on the first shape, 0.9 / 0.6 on the
+    second; zero-centred codes give 0.5 / 0.15. Float32 numpy: 0.4 / 0.17."""
+    qw = make_weight(64, k, 8, group, sym=True, seed=1)
+    x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    worst, rms = error_in_rounding_units(qw, x, run_op(qw, x))
+    assert worst <= 1.0 and rms <= 0.3, (worst, rms)
+
+
+_PEAK_RSS_CHILD = textwrap.dedent(r"""
+    import re, sys
+    import numpy as np
+    from onnx_gptq import custom_ops
+    from onnx_gptq.pack import CustomOpTensors
+    K, N, bits, block_size, M = (int(v) for v in sys.argv[1:])
+    blob = -(-block_size * bits // 8)
+    codes = np.zeros((N, 1, blob), np.uint8)  # every code 0, zero point 2**(bits-1)
+    tensors = CustomOpTensors(B=codes, scales=np.ones((N, 1), np.float32), zero_points=None, g_idx=None,
+                              K=K, N=N, bits=bits, block_size=block_size)
+    session = custom_ops.make_session(custom_ops.gptq_matmul_model(tensors))
+    def status_kib(field):
+        with open("/proc/self/status") as f:
+            return int(re.search(field + r":\s+(\d+) kB", f.read()).group(1))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to the current RSS
+    before = status_kib("VmRSS")
+    y = session.run(None, {"A": np.ones((M, K), np.float32)})[0]
+    print(status_kib("VmHWM") - before, y.min(), y.max())
+""")
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc/self")
+def test_memory_follows_K_not_block_size(m: int) -> None:
+    """Defect 6: K=3 with block_size=2**24 (allowed) used to size the kernel's
+    buffers by n_blocks * block_size: 64 MiB for one row, 1 GiB for five. The
+    run's peak RSS growth is measured in a child process (Linux /proc)."""
+    k, n, bits, block_size = 3, 2, 2, 1 << 24
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS_CHILD, *map(str, (k, n, bits, block_size, m))],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    grew_kib, y_min, y_max = out.stdout.split()
+    assert float(y_min) == float(y_max) == -2.0 * k  # (0 - 2) * 1 per column
+    assert int(grew_kib) < 16 * 1024, f"the run grew the peak RSS by {int(grew_kib) // 1024} MiB"
 
 
 def test_large_prefill_shape_matches() -> None:
@@ -258,6 +365,24 @@ def test_K_attribute_mismatch_names_input() -> None:
     # An attribute K that disagrees with the packed weight is reported on A as well.
     msg = _run_error(_model_with(qw, attrs={"K": 160}, input_shape=["m", "k"]), np.zeros((2, 128), np.float32))
     assert "input 'A'" in msg and "[..., 160]" in msg
+
+
+@pytest.mark.parametrize("elem,name", [(onnx.TensorProto.BFLOAT16, "bfloat16"), (onnx.TensorProto.DOUBLE, "float64")])
+def test_unsupported_activation_type_names_the_cpu_types(elem: int, name: str) -> None:
+    """Defect 10: A of a type the CPU kernel lacks fails at session creation
+    with the types it takes, not "could not find an implementation"."""
+    qw = make_weight(16, 64, 4, 32)
+    model = _model_with(qw)
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = elem
+    scales = next(init for init in model.graph.initializer if init.name == "scales")
+    scales.CopyFrom(helper.make_tensor("scales", elem, qw.scales.shape, qw.scales.ravel().tolist()))
+    with pytest.raises(Exception) as info:
+        custom_ops.make_session(model)
+    msg = str(info.value)
+    assert f"GptqMatMul node 'gptq_matmul': input 'A' (#0, tensor 'A') is {name}" in msg
+    assert "the CPU kernel takes float32 or float16" in msg
+    assert ("CUDA" in msg) == (name == "bfloat16")
 
 
 def test_bad_bits_attribute_fails_at_session_creation() -> None:

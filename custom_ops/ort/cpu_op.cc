@@ -40,6 +40,27 @@ OrtStatusPtr CreateKernel(const OrtCustomOp* op, const OrtApi* api, const OrtKer
 
 void DestroyKernel(void* kernel) { delete static_cast<CpuKernel*>(kernel); }
 
+// Registered for the floating-point types the CPU kernel does not take, so a
+// node of such a type fails when the session is created with a message
+// naming the types it does take, instead of onnxruntime's "could not find an
+// implementation" or "type ... is invalid".
+OrtStatusPtr CreateUnsupportedTypeKernel(const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
+                                         void** kernel) {
+  *kernel = nullptr;
+  const GptqOpDef* def = static_cast<const GptqOpDef*>(op);
+  const GptqNodeInfo node = ReadNodeInfo(api, info);
+  std::string msg = node.Describe() + ": " + node.DescribeInput(kInputA) + " is " + TypeString(def->act_type) +
+                    "; the CPU kernel takes float32 or float16";
+  if (def->act_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) {
+    msg += " (bfloat16 runs on the CUDA kernel only: CUDAExecutionProvider with onnxruntime-gpu)";
+  }
+  return api->CreateStatus(ORT_INVALID_ARGUMENT, msg.c_str());
+}
+
+// Never called: kernel creation fails first.
+OrtStatusPtr ComputeUnsupportedType(void*, OrtKernelContext*) { return nullptr; }
+void DestroyUnsupportedTypeKernel(void*) {}
+
 // Runs the kernel's tasks on the session's intra-op thread pool.
 struct OrtRunnerCtx {
   const OrtApi* api;
@@ -133,6 +154,8 @@ OrtStatusPtr Compute(void* kernel, OrtKernelContext* ctx) {
 
 GptqOpDef g_cpu_f32;
 GptqOpDef g_cpu_f16;
+GptqOpDef g_cpu_bf16_unsupported;
+GptqOpDef g_cpu_f64_unsupported;
 std::once_flag g_init_once;
 
 }  // namespace
@@ -147,9 +170,20 @@ OrtStatus* RegisterCpuOps(OrtCustomOpDomain* domain, const OrtApi* api, uint32_t
       op->KernelComputeV2 = &Compute;
       op->KernelDestroy = &DestroyKernel;
     }
+    for (GptqOpDef* op : {&g_cpu_bf16_unsupported, &g_cpu_f64_unsupported}) {
+      const ONNXTensorElementDataType t = op == &g_cpu_bf16_unsupported ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16
+                                                                         : ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE;
+      InitGptqOpDef(op, op_version, api, t, nullptr, shape_inference);
+      op->CreateKernelV2 = &CreateUnsupportedTypeKernel;
+      op->KernelComputeV2 = &ComputeUnsupportedType;
+      op->KernelDestroy = &DestroyUnsupportedTypeKernel;
+    }
   });
-  if (OrtStatus* st = api->CustomOpDomain_Add(domain, &g_cpu_f32)) return st;
-  return api->CustomOpDomain_Add(domain, &g_cpu_f16);
+  // float32 first: its signature becomes the op's schema (see gptq_op.h).
+  for (GptqOpDef* op : {&g_cpu_f32, &g_cpu_f16, &g_cpu_bf16_unsupported, &g_cpu_f64_unsupported}) {
+    if (OrtStatus* st = api->CustomOpDomain_Add(domain, op)) return st;
+  }
+  return nullptr;
 }
 
 }  // namespace onnx_gptq

@@ -1,4 +1,5 @@
-// The CPU execution provider's GptqMatMul ops (float32 and float16).
+// The CPU execution provider's GptqMatMul ops: float32 and float16, plus bfloat16
+// and float64 ops whose kernel creation fails with a message naming those two.
 #pragma once
 
 #include <cstdint>

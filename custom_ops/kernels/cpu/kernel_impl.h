@@ -16,15 +16,20 @@
 // start + s*W + j pairs with natural column k = block start + chunk start +
 // j*S + s. Tail columns keep their natural place and are read one code at a
 // time from the bit stream. Positions past K (padding of the last block) get
-// zero activations.
+// zero activations. Buffers over positions stop at Kp, just past the chunk
+// holding column K-1, not at n_blocks * block_size: block_size may be far
+// larger than K (the spec allows it), and memory must follow K.
 //
 // Paths
 // -----
 // * Decode (few rows of A, no g_idx): per output column and block, dot the
-//   unpacked codes with the activations in fp32 and fold the group's scale
-//   and zero point in afterwards:  sum_k a_k (c_k - z) s = s (sum a_k c_k - z sum a_k).
+//   zero-centred codes c_k - z (exact in fp32) with the activations and apply
+//   the group's scale afterwards:  sum_k a_k (c_k - z) s = s sum_k a_k (c_k - z).
+//   Factoring the zero point out, s (sum a_k c_k - z sum a_k), would subtract
+//   two large sums (8-bit codes sit around z = 128) and lose digits.
 // * Dequantize + GEMM (many rows, or g_idx): dequantize a tile of NR output
-//   columns x kc permuted positions of W to fp32, then a register-blocked
+//   columns x kc permuted positions of W to fp32 as (c - z) * s, rounded once
+//   like the reference dequantization, then a register-blocked
 //   micro-kernel computes that tile of Y^T = W A^T against A packed in panels
 //   of MP = 2W rows (so the dequantized rows are read as broadcast scalars and
 //   never need transposing).
@@ -68,7 +73,8 @@ struct Buffer {
 // Everything one call needs, shared read-only by its tasks.
 struct Call {
   const GptqMatMulParams* p = nullptr;
-  int64_t M = 0, K = 0, N = 0, bs = 0, n_blocks = 0, blob = 0, n_groups = 0, Kp = 0;
+  int64_t M = 0, K = 0, N = 0, bs = 0, n_blocks = 0, blob = 0, n_groups = 0;
+  int64_t Kp = 0;  // permuted positions in use: [0, Kp) holds every column < K (see the header comment)
   int bits = 0;
   int64_t nfull = 0;  // full chunks per block
   int64_t C = 0;      // codes per chunk
@@ -81,7 +87,6 @@ struct Call {
   const int32_t* gperm = nullptr;  // [Kp] group of each permuted position, or nullptr
   // Activations: decode: [M][Kp] rows; GEMM: [ceil(M/MP)][Kp][MP] panels.
   float* act = nullptr;
-  float* asum = nullptr;  // decode: [M][n_blocks] activation sum per block
   float* Yf = nullptr;    // [M][N] fp32 result (Y itself when T is float32)
   const float* bias = nullptr;  // fp32 [N] or nullptr (applied by the decode path / final pass)
   // Task partition.
@@ -119,10 +124,10 @@ inline const float* RowAsFloat(const Call& c, int64_t m, float* scratch) {
 
 // Writes W[n, k'] = (code - zero) * scale for permuted positions [p0, p1) of
 // row n to out[0 .. p1-p0). p0 and p1 lie on chunk boundaries (block starts,
-// chunk starts, tail starts). `gscale` / `gnzs` hold the row's per-group
-// scale and -zero*scale when g_idx is present.
+// chunk starts, tail starts). `gscale` / `gzero` hold the row's per-group
+// scale and zero point when g_idx is present.
 template <class V, int BITS>
-inline void DequantRange(const Call& c, int64_t n, int64_t p0, int64_t p1, const float* gscale, const float* gnzs,
+inline void DequantRange(const Call& c, int64_t n, int64_t p0, int64_t p1, const float* gscale, const float* gzero,
                          float* out) {
   using F = typename V::F;
   constexpr int S = (BITS == 3) ? 8 : 8 / BITS;
@@ -131,22 +136,22 @@ inline void DequantRange(const Call& c, int64_t n, int64_t p0, int64_t p1, const
     const int64_t b = pos / c.bs;
     const int64_t o = pos - b * c.bs;
     const uint8_t* blob = c.Blob(n, b);
-    float s = 0.0f, zs = 0.0f;
+    float s = 0.0f, z = 0.0f;
     if (!c.gperm) {
       s = c.Scale(n * c.n_groups + b);
-      zs = c.Zero(n * c.n_groups + b) * s;
+      z = c.Zero(n * c.n_groups + b);
     }
     if (o < c.nfull * c.C) {
       F cv[S];
       V::template Unpack<BITS>(blob + (o / c.C) * c.CB, cv);
       float* dst = out + (pos - p0);
       if (!c.gperm) {
-        const F sv = V::Set1(s), nzs = V::Set1(-zs);
-        for (int i = 0; i < S; ++i) V::Store(dst + i * V::W, V::Fma(cv[i], sv, nzs));
+        const F sv = V::Set1(s), zv = V::Set1(z);
+        for (int i = 0; i < S; ++i) V::Store(dst + i * V::W, V::Mul(V::Sub(cv[i], zv), sv));
       } else {
         for (int i = 0; i < S; ++i) {
           const int32_t* gi = c.gperm + pos + i * V::W;
-          V::Store(dst + i * V::W, V::Fma(cv[i], V::Gather(gscale, gi), V::Gather(gnzs, gi)));
+          V::Store(dst + i * V::W, V::Mul(V::Sub(cv[i], V::Gather(gzero, gi)), V::Gather(gscale, gi)));
         }
       }
       pos += c.C;
@@ -155,22 +160,21 @@ inline void DequantRange(const Call& c, int64_t n, int64_t p0, int64_t p1, const
       for (; pos < end; ++pos) {
         const float code = float(ExtractCode(blob, c.blob, BITS, pos - b * c.bs));
         if (!c.gperm) {
-          out[pos - p0] = code * s - zs;
+          out[pos - p0] = (code - z) * s;
         } else {
           const int32_t g = c.gperm[pos];
-          out[pos - p0] = code * gscale[g] + gnzs[g];
+          out[pos - p0] = (code - gzero[g]) * gscale[g];
         }
       }
     }
   }
 }
 
-// Per-group scale and -zero*scale of row n (for the g_idx paths).
-inline void RowGroups(const Call& c, int64_t n, float* gscale, float* gnzs) {
+// Per-group scale and zero point of row n (for the g_idx paths).
+inline void RowGroups(const Call& c, int64_t n, float* gscale, float* gzero) {
   for (int64_t g = 0; g < c.n_groups; ++g) {
-    const float s = c.Scale(n * c.n_groups + g);
-    gscale[g] = s;
-    gnzs[g] = -(c.Zero(n * c.n_groups + g) * s);
+    gscale[g] = c.Scale(n * c.n_groups + g);
+    gzero[g] = c.Zero(n * c.n_groups + g);
   }
 }
 
@@ -184,23 +188,27 @@ inline void DecodeTile(const Call& c, int64_t r0, int64_t n0) {
   constexpr int C = V::W * S;
   constexpr int CB = C * BITS / 8;
   F tot[R][NB];
-  float corr[R][NB];
+  float tot_tail[R][NB];  // the scaled tail sums
   const float* act[R];
-  const float* asum[R];
   GPTQ_UNROLL
   for (int r = 0; r < R; ++r) {
     act[r] = c.act + (r0 + r) * c.Kp;
-    asum[r] = c.asum + (r0 + r) * c.n_blocks;
     GPTQ_UNROLL
     for (int j = 0; j < NB; ++j) {
       tot[r][j] = V::Zero();
-      corr[r][j] = 0.0f;
+      tot_tail[r][j] = 0.0f;
     }
   }
   for (int64_t b = 0; b < c.n_blocks; ++b) {
     const uint8_t* blob[NB];
+    float zero[NB];
+    F zv[NB];
     GPTQ_UNROLL
-    for (int j = 0; j < NB; ++j) blob[j] = c.Blob(n0 + j, b);
+    for (int j = 0; j < NB; ++j) {
+      blob[j] = c.Blob(n0 + j, b);
+      zero[j] = c.Zero((n0 + j) * c.n_groups + b);
+      zv[j] = V::Set1(zero[j]);
+    }
     // Two accumulators per (row, column) so consecutive FMAs are independent.
     F acc[R][NB][2];
     GPTQ_UNROLL
@@ -217,9 +225,10 @@ inline void DecodeTile(const Call& c, int64_t r0, int64_t n0) {
         V::template Unpack<BITS>(blob[j] + i * CB, cv);
         GPTQ_UNROLL
         for (int s = 0; s < S; ++s) {
+          const F centred = V::Sub(cv[s], zv[j]);
           GPTQ_UNROLL
           for (int r = 0; r < R; ++r) {
-            acc[r][j][s & 1] = V::Fma(cv[s], V::Load(act[r] + kb + i * C + s * V::W), acc[r][j][s & 1]);
+            acc[r][j][s & 1] = V::Fma(centred, V::Load(act[r] + kb + i * C + s * V::W), acc[r][j][s & 1]);
           }
         }
       }
@@ -232,21 +241,19 @@ inline void DecodeTile(const Call& c, int64_t r0, int64_t n0) {
     for (int64_t q = c.nfull * C, q_end = MinI(c.bs, c.K - kb); q < q_end; ++q) {
       GPTQ_UNROLL
       for (int j = 0; j < NB; ++j) {
-        const float code = float(ExtractCode(blob[j], c.blob, BITS, q));
+        const float centred = float(ExtractCode(blob[j], c.blob, BITS, q)) - zero[j];
         GPTQ_UNROLL
-        for (int r = 0; r < R; ++r) tail[r][j] += code * act[r][kb + q];
+        for (int r = 0; r < R; ++r) tail[r][j] += centred * act[r][kb + q];
       }
     }
     GPTQ_UNROLL
     for (int j = 0; j < NB; ++j) {
-      const int64_t idx = (n0 + j) * c.n_groups + b;
-      const float s = c.Scale(idx);
-      const float z = c.Zero(idx);
+      const float s = c.Scale((n0 + j) * c.n_groups + b);
       const F sv = V::Set1(s);
       GPTQ_UNROLL
       for (int r = 0; r < R; ++r) {
         tot[r][j] = V::Fma(sv, acc[r][j][0], V::Fma(sv, acc[r][j][1], tot[r][j]));
-        corr[r][j] += s * (z * asum[r][b] - tail[r][j]);
+        tot_tail[r][j] += s * tail[r][j];
       }
     }
   }
@@ -254,7 +261,7 @@ inline void DecodeTile(const Call& c, int64_t r0, int64_t n0) {
   for (int r = 0; r < R; ++r) {
     GPTQ_UNROLL
     for (int j = 0; j < NB; ++j) {
-      float y = V::Hsum(tot[r][j]) - corr[r][j];
+      float y = V::Hsum(tot[r][j]) + tot_tail[r][j];
       if (c.bias) y += c.bias[n0 + j];
       c.Yf[(r0 + r) * c.N + n0 + j] = y;
     }
@@ -318,8 +325,7 @@ void DecodeGidxTask(void* ctx, size_t task) {
   }
 }
 
-// Lays out rows of A in permuted order ([M][Kp], zero padded) and sums each
-// block's activations.
+// Lays out rows of A in permuted order ([M][Kp], zero padded).
 template <class V>
 void PackDecodeTask(void* ctx, size_t task) {
   Call& c = *static_cast<Call*>(ctx);
@@ -333,13 +339,6 @@ void PackDecodeTask(void* ctx, size_t task) {
   float* dst = c.act + m * c.Kp;
   for (int64_t k = 0; k < c.Kp; ++k) dst[k] = 0.0f;
   for (int64_t k = 0; k < c.K; ++k) dst[c.kperm[k]] = a[k];
-  float* asum = c.asum + m * c.n_blocks;
-  for (int64_t b = 0; b < c.n_blocks; ++b) {
-    float s = 0.0f;
-    const int64_t end = MinI(c.K, (b + 1) * c.bs);
-    for (int64_t k = b * c.bs; k < end; ++k) s += a[k];
-    asum[b] = s;
-  }
 }
 
 // ------------------------------------------------------------------ GEMM path
@@ -527,10 +526,13 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
   c.n_blocks = CeilDiv(p.K, p.block_size);
   c.blob = CeilDiv(p.block_size * BITS, 8);
   c.n_groups = p.n_groups;
-  c.Kp = c.n_blocks * c.bs;
   c.C = int64_t(V::W) * S;
   c.CB = c.C * BITS / 8;
   c.nfull = c.bs / c.C;
+  // The last block's positions end with the chunk holding column K-1, or at K
+  // when that column is in the block's tail.
+  const int64_t last_start = (c.n_blocks - 1) * c.bs, last_cols = c.K - last_start;
+  c.Kp = last_start + (last_cols <= c.nfull * c.C ? CeilDiv(last_cols, c.C) * c.C : last_cols);
   if (p.dtype == DType::kFloat32) {
     c.scales_f32 = static_cast<const float*>(p.scales);
   } else {
@@ -581,10 +583,8 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
 
   if (c.M <= kDecodeMaxRows) {
     Buffer act(size_t(c.M * c.Kp) * sizeof(float));
-    Buffer asum(size_t(c.M * c.n_blocks) * sizeof(float));
-    if (!act.ptr || !asum.ptr) return Status::kOutOfMemory;
+    if (!act.ptr) return Status::kOutOfMemory;
     c.act = act.as<float>();
-    c.asum = asum.as<float>();
     // A few rows: cheaper here than a trip through the thread pool.
     for (int64_t m = 0; m < c.M; ++m) PackDecodeTask<V>(&c, size_t(m));
     if (c.failed_alloc) return Status::kOutOfMemory;
@@ -639,7 +639,7 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
       next = b * c.bs + MinI((o / c.C) * c.C, c.nfull * c.C);
       if (next <= pos) {
         const int64_t o0 = pos - (pos / c.bs) * c.bs;
-        next = o0 < c.nfull * c.C ? pos + c.C : (pos / c.bs + 1) * c.bs;
+        next = o0 < c.nfull * c.C ? pos + c.C : MinI(c.Kp, (pos / c.bs + 1) * c.bs);
       }
     }
     kb[++nk] = next;

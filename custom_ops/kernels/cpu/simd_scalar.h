@@ -19,6 +19,8 @@ struct ScalarV {
   static F Load(const float* p) { return *p; }
   static void Store(float* p, F v) { *p = v; }
   static F Fma(F a, F b, F c) { return a * b + c; }
+  static F Sub(F a, F b) { return a - b; }
+  static F Mul(F a, F b) { return a * b; }
   static float Hsum(F v) { return v; }
   static F Gather(const float* base, const int32_t* idx) { return base[idx[0]]; }
 
