@@ -116,6 +116,7 @@ def _load(path: str) -> ctypes.CDLL:
         raise CustomOpsLibraryError(f"cannot load the custom-op library {path}: {exc}") from exc
     lib.onnx_gptq_has_cuda_kernels.restype = ctypes.c_int
     lib.onnx_gptq_cpu_isa.restype = ctypes.c_char_p
+    lib.onnx_gptq_cpu_int8_isa.restype = ctypes.c_char_p
     return lib
 
 
@@ -135,6 +136,15 @@ def cpu_isa() -> str:
     asks for a lower one (``avx2`` or ``scalar``), which the kernel reads on every run.
     """
     return _load(str(library_path())).onnx_gptq_cpu_isa().decode()
+
+
+def cpu_int8_isa() -> str:
+    """Instruction set of the CPU kernel's int8 path (``accuracy_level=4``) now.
+
+    ``"avx512vnni"``, ``"avxvnni"``, ``"avx2"`` or ``"scalar"``: the best one the
+    CPU has, capped by ``ONNX_GPTQ_CPU_ISA`` (``avx2`` or ``scalar``) as :func:`cpu_isa` is.
+    """
+    return _load(str(library_path())).onnx_gptq_cpu_int8_isa().decode()
 
 
 def session_options(sess_options: ort.SessionOptions | None = None, *,

@@ -170,7 +170,7 @@ void QuantizeTask(void* ctx, size_t task) {
 // fp32 accumulators plus the unpacked codes).
 template <int BITS, int R>
 constexpr int DirectCols() {
-  return R == 1 ? (BITS == 2 ? 2 : 4) : (BITS == 2 ? 1 : 2);
+  return R == 1 ? (BITS == 2 ? 2 : 4) : (R == 2 && BITS != 2 ? 2 : 1);
 }
 
 // Natural-order dot product of codes [q0, q1) of one block with activations.
@@ -180,10 +180,45 @@ inline int32_t TailDot(const uint8_t* blob, int64_t blob_size, int bits, const i
   return acc;
 }
 
-// Columns n0..n0+NB-1 for rows r0..r0+R-1. kPre: the codes of the SIMD units
-// come unpacked from `pre` ([NB][n_units * unit_codes]), else from B.
-template <class V8, int BITS, int R, int NB, bool kPre>
-inline void Tile(const Call& c, int64_t r0, int64_t n0, const uint8_t* pre) {
+// zs[j][b] = s z_eff of column n + j, block b, for j < nb: the zero points'
+// share of every output is sum_b zs[j][b] asq[r][b]. z_eff = z - code_offset
+// where the SIMD dot product already subtracted code_offset from the codes.
+inline void ZeroScales(const Call& c, int64_t n, int nb, float* zs) {
+  // Scales and zero points of the tile after next, as for the codes in Tile.
+  if (n + 3 * nb <= c.N) {
+    const int64_t first = (n + 2 * nb) * c.n_groups, count = nb * c.n_groups;
+    const char* sc = c.scales_f32 ? reinterpret_cast<const char*>(c.scales_f32 + first)
+                                  : reinterpret_cast<const char*>(c.scales_f16 + first);
+    const int64_t sc_bytes = count * (c.scales_f32 ? 4 : 2);
+    for (int64_t off = 0; off < sc_bytes; off += 64) __builtin_prefetch(sc + off);
+    if (c.zp) {
+      for (int64_t off = 0; off < count; off += 64) __builtin_prefetch(c.zp + first + off);
+    }
+  }
+  for (int j = 0; j < nb; ++j) {
+    const int64_t row = (n + j) * c.n_groups;
+    float* out = zs + j * c.n_blocks;
+    // Plain loops over contiguous rows, so that the compiler vectorizes them.
+    if (c.scales_f32 && c.zp) {
+      const float* sc = c.scales_f32 + row;
+      const uint8_t* zp = c.zp + row;
+      for (int64_t b = 0; b < c.n_blocks; ++b) out[b] = sc[b] * float(zp[b]);
+    } else {
+      for (int64_t b = 0; b < c.n_blocks; ++b) out[b] = c.Scale(row + b) * c.Zero(row + b);
+    }
+    if (c.code_offset) {
+      const float off = float(c.code_offset);
+      for (int64_t b = 0; b < c.simd_blocks; ++b) out[b] -= c.Scale(row + b) * off;
+    }
+  }
+}
+
+// Columns n0..n0+NB-1 for rows r0..r0+R-1; zs from ZeroScales. kPre: the
+// codes of the SIMD units come unpacked from `pre` ([NB][n_units *
+// unit_codes]), else from B. kLanes: bpc > 1 (one chunk per unit, a scale
+// per pair of int32 lanes), else one scale per unit.
+template <class V8, int BITS, int R, int NB, bool kPre, bool kLanes>
+inline void Tile(const Call& c, int64_t r0, int64_t n0, const uint8_t* pre, const float* zs) {
   using FV = typename V8::FV;
   using F = typename FV::F;
   using I = typename V8::I;
@@ -207,51 +242,67 @@ inline void Tile(const Call& c, int64_t r0, int64_t n0, const uint8_t* pre) {
   GPTQ_UNROLL
   for (int j = 0; j < NB; ++j) rowb[j] = c.Blob(n0 + j, 0);
   for (int64_t u = 0; u < c.n_units; ++u) {
-    I iacc[R][NB];
-    GPTQ_UNROLL
-    for (int r = 0; r < R; ++r)
+    const int64_t cpb = kLanes ? 1 : c.cpb;
+    constexpr int64_t L = V8::template NarrowChunks<BITS>();
+    for (int64_t ch0 = 0; ch0 < cpb; ch0 += L) {
+      I nacc[R][NB];
       GPTQ_UNROLL
-      for (int j = 0; j < NB; ++j) iacc[r][j] = V8::IZero();
-    for (int64_t ch = 0; ch < c.cpb; ++ch) {
-      const int64_t code0 = u * c.unit_codes + ch * C;
-      I cv[NB][S];
+      for (int r = 0; r < R; ++r)
+        GPTQ_UNROLL
+        for (int j = 0; j < NB; ++j) nacc[r][j] = V8::IZero();
+      for (int64_t ch = ch0, ch_end = MinI(cpb, ch0 + L); ch < ch_end; ++ch) {
+        const int64_t code0 = u * c.unit_codes + ch * C;
+        I cv[NB][S];
+        GPTQ_UNROLL
+        for (int j = 0; j < NB; ++j) {
+          if constexpr (kPre) {
+            GPTQ_UNROLL
+            for (int s = 0; s < S; ++s) cv[j][s] = V8::LoadI(pre + j * pre_stride + code0 + s * V8::W);
+          } else {
+            const uint8_t* src = rowb[j] + u * c.unit_bytes + ch * CB;
+            // The tile after next: its rows follow these in B, and a row's short
+            // stream gives the hardware prefetcher too little to lock on to
+            // (two tiles ahead measured best at m = 1, 4096 x 4096).
+            __builtin_prefetch(src + 2 * NB * c.n_blocks * c.blob);
+            V8::template Unpack<BITS>(src, cv[j]);
+          }
+        }
+        GPTQ_UNROLL
+        for (int r = 0; r < R; ++r) {
+          I av[S];
+          GPTQ_UNROLL
+          for (int s = 0; s < S; ++s) av[s] = V8::LoadI(act[r] + code0 + s * V8::W);
+          GPTQ_UNROLL
+          for (int j = 0; j < NB; ++j) nacc[r][j] = V8::template DotNarrow<BITS>(nacc[r][j], cv[j], av);
+        }
+      }
+      // Scale the partial sums straight into fp32 (no int32 accumulator to
+      // keep in registers): one scale per int32 lane, lane d belonging to
+      // block u * bpc + d * bpc / 8.
+      const int64_t b0 = u * c.bpc;
+      F ws[NB];
       GPTQ_UNROLL
       for (int j = 0; j < NB; ++j) {
-        if constexpr (kPre) {
-          GPTQ_UNROLL
-          for (int s = 0; s < S; ++s) cv[j][s] = V8::LoadI(pre + j * pre_stride + code0 + s * V8::W);
+        const int64_t idx = (n0 + j) * c.n_groups + b0;
+        if constexpr (!kLanes) {
+          ws[j] = FV::Set1(c.Scale(idx));
+        } else if (c.scales_f32 && idx + 8 <= c.N * c.n_groups) {
+          ws[j] = V8::LaneScales(c.scales_f32 + idx, int(c.bpc));
         } else {
-          V8::template Unpack<BITS>(rowb[j] + u * c.unit_bytes + ch * CB, cv[j]);
+          float tmp[8] = {};
+          for (int64_t i = 0; i < c.bpc; ++i) tmp[i] = c.Scale(idx + i);
+          ws[j] = V8::LaneScales(tmp, int(c.bpc));
         }
       }
       GPTQ_UNROLL
       for (int r = 0; r < R; ++r) {
-        I av[S];
+        const F sv = kLanes ? V8::LaneScales(sa[r] + b0, int(c.bpc)) : FV::Set1(sa[r][b0]);
         GPTQ_UNROLL
-        for (int s = 0; s < S; ++s) av[s] = V8::LoadI(act[r] + code0 + s * V8::W);
-        GPTQ_UNROLL
-        for (int j = 0; j < NB; ++j) iacc[r][j] = V8::template DotChunk<BITS>(iacc[r][j], cv[j], av);
+        for (int j = 0; j < NB; ++j) {
+          const I dot = V8::template Widen<BITS>(V8::IZero(), nacc[r][j]);
+          facc[r][j] = FV::Fma(V8::ToFloat(dot), V8::MulF(sv, ws[j]), facc[r][j]);
+        }
       }
-    }
-    // One scale per int32 lane: lane d belongs to block u * bpc + d * bpc / 8.
-    const int64_t b0 = u * c.bpc;
-    F ws[NB];
-    GPTQ_UNROLL
-    for (int j = 0; j < NB; ++j) {
-      const int64_t idx = (n0 + j) * c.n_groups + b0;
-      if (c.bpc == 1) {
-        ws[j] = FV::Set1(c.Scale(idx));
-      } else {
-        float tmp[8] = {};
-        for (int64_t i = 0; i < c.bpc; ++i) tmp[i] = c.Scale(idx + i);
-        ws[j] = V8::LaneScales(tmp, int(c.bpc));
-      }
-    }
-    GPTQ_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const F sv = c.bpc == 1 ? FV::Set1(sa[r][b0]) : V8::LaneScales(sa[r] + b0, int(c.bpc));
-      GPTQ_UNROLL
-      for (int j = 0; j < NB; ++j) facc[r][j] = FV::Fma(V8::ToFloat(iacc[r][j]), V8::MulF(sv, ws[j]), facc[r][j]);
     }
   }
   float y[R][NB];
@@ -270,43 +321,47 @@ inline void Tile(const Call& c, int64_t r0, int64_t n0, const uint8_t* pre) {
       for (int r = 0; r < R; ++r) y[r][j] += sa[r][b] * s * float(TailDot(blob, c.blob, BITS, act[r] + k0, 0, len));
     }
   }
-  // Zero points: sum over blocks of s z_eff (sa sum q), z_eff = z - code_offset
-  // where the SIMD dot product already subtracted code_offset from the codes.
-  float* zs = static_cast<float*>(detail::ThreadScratch(detail::kScratchGroups, size_t(NB * c.n_blocks) * sizeof(float)));
-  if (!zs) return;  // reported by the caller, which asked for the same slot first
-  GPTQ_UNROLL
-  for (int j = 0; j < NB; ++j) {
-    for (int64_t b = 0; b < c.n_blocks; ++b) {
-      const int64_t idx = (n0 + j) * c.n_groups + b;
-      const float z = c.Zero(idx) - (b < c.simd_blocks ? float(c.code_offset) : 0.0f);
-      zs[j * c.n_blocks + b] = c.Scale(idx) * z;
-    }
-  }
   GPTQ_UNROLL
   for (int r = 0; r < R; ++r) {
     const float* asq = c.asq + (r0 + r) * c.n_q;
     GPTQ_UNROLL
     for (int j = 0; j < NB; ++j) {
-      float v = y[r][j] - V8::DotF(zs + j * c.n_blocks, asq, c.n_blocks);
+      float v = y[r][j] - V8::DotF(zs + j * c.n_blocks, asq, c.n_blocks);  // zero points
       if (c.bias) v += c.bias[n0 + j];
       c.Yf[(r0 + r) * c.N + n0 + j] = v;
     }
   }
 }
 
+template <class V8, int BITS, int R, int NB, bool kPre>
+inline void RunTile(const Call& c, int64_t r0, int64_t n0, const uint8_t* pre, const float* zs) {
+  if (c.bpc == 1) {
+    Tile<V8, BITS, R, NB, kPre, false>(c, r0, n0, pre, zs);
+  } else {
+    Tile<V8, BITS, R, NB, kPre, true>(c, r0, n0, pre, zs);
+  }
+}
+
 template <class V8, int BITS, int R>
-inline void DirectColumns(const Call& c, int64_t r0, int64_t n0, int64_t n1) {
+inline void DirectColumns(const Call& c, int64_t r0, int64_t n0, int64_t n1, float* zs) {
   constexpr int NB = DirectCols<BITS, R>();
   int64_t n = n0;
-  for (; n + NB <= n1; n += NB) Tile<V8, BITS, R, NB, false>(c, r0, n, nullptr);
-  for (; n < n1; ++n) Tile<V8, BITS, R, 1, false>(c, r0, n, nullptr);
+  for (; n + NB <= n1; n += NB) {
+    ZeroScales(c, n, NB, zs);
+    RunTile<V8, BITS, R, NB, false>(c, r0, n, nullptr, zs);
+  }
+  for (; n < n1; ++n) {
+    ZeroScales(c, n, 1, zs);
+    RunTile<V8, BITS, R, 1, false>(c, r0, n, nullptr, zs);
+  }
 }
 
 // Few rows: codes straight from B, every row per tile.
 template <class V8, int BITS>
 void DirectTask(void* ctx, size_t task) {
   Call& c = *static_cast<Call*>(ctx);
-  if (!detail::ThreadScratch(detail::kScratchGroups, size_t(4 * c.n_blocks) * sizeof(float))) {
+  float* zs = static_cast<float*>(detail::ThreadScratch(detail::kScratchGroups, size_t(4 * c.n_blocks) * sizeof(float)));
+  if (!zs) {
     c.failed_alloc = true;
     return;
   }
@@ -314,10 +369,10 @@ void DirectTask(void* ctx, size_t task) {
   const int64_t n1 = MinI(c.N, n0 + c.cols_per_task);
   for (int64_t r0 = 0; r0 < c.M; r0 += 4) {
     switch (MinI(4, c.M - r0)) {
-      case 1: DirectColumns<V8, BITS, 1>(c, r0, n0, n1); break;
-      case 2: DirectColumns<V8, BITS, 2>(c, r0, n0, n1); break;
-      case 3: DirectColumns<V8, BITS, 3>(c, r0, n0, n1); break;
-      default: DirectColumns<V8, BITS, 4>(c, r0, n0, n1); break;
+      case 1: DirectColumns<V8, BITS, 1>(c, r0, n0, n1, zs); break;
+      case 2: DirectColumns<V8, BITS, 2>(c, r0, n0, n1, zs); break;
+      case 3: DirectColumns<V8, BITS, 3>(c, r0, n0, n1, zs); break;
+      default: DirectColumns<V8, BITS, 4>(c, r0, n0, n1, zs); break;
     }
   }
 }
@@ -344,40 +399,39 @@ inline void UnpackColumns(const Call& c, int64_t n, int nb, uint8_t* pre) {
 }
 
 template <class V8, int BITS, int NB>
-inline void BlockedRows(const Call& c, int64_t m0, int64_t m1, int64_t n, const uint8_t* pre) {
+inline void BlockedRows(const Call& c, int64_t m0, int64_t m1, int64_t n, const uint8_t* pre, float* zs) {
+  ZeroScales(c, n, NB, zs);
+  // Two rows x NB columns: their accumulators and operands fill the 16
+  // vector registers of AVX2 without spilling.
   int64_t r0 = m0;
-  for (; r0 + 4 <= m1; r0 += 4) Tile<V8, BITS, 4, NB, true>(c, r0, n, pre);
-  switch (m1 - r0) {
-    case 1: Tile<V8, BITS, 1, NB, true>(c, r0, n, pre); break;
-    case 2: Tile<V8, BITS, 2, NB, true>(c, r0, n, pre); break;
-    case 3: Tile<V8, BITS, 3, NB, true>(c, r0, n, pre); break;
-    default: break;
-  }
+  for (; r0 + 2 <= m1; r0 += 2) RunTile<V8, BITS, 2, NB, true>(c, r0, n, pre, zs);
+  if (r0 < m1) RunTile<V8, BITS, 1, NB, true>(c, r0, n, pre, zs);
 }
 
 // Many rows: a task owns columns [n0, n1) x rows [m0, m1); each tile of
 // columns is unpacked once and swept over the task's rows.
 template <class V8, int BITS>
 void BlockedTask(void* ctx, size_t task) {
-  constexpr int NB = DirectCols<BITS, 4>();
+  constexpr int NB = DirectCols<BITS, 2>();
   Call& c = *static_cast<Call*>(ctx);
   const int64_t group = int64_t(task) % c.col_groups, row_block = int64_t(task) / c.col_groups;
   const int64_t n0 = group * c.cols_per_task, n1 = MinI(c.N, n0 + c.cols_per_task);
   const int64_t m0 = row_block * c.rows_per_block, m1 = MinI(c.M, m0 + c.rows_per_block);
   uint8_t* pre = static_cast<uint8_t*>(
       detail::ThreadScratch(detail::kScratchCodes, size_t(NB * MaxI(1, c.n_units * c.unit_codes))));
-  if (!pre || !detail::ThreadScratch(detail::kScratchGroups, size_t(4 * c.n_blocks) * sizeof(float))) {
+  float* zs = static_cast<float*>(detail::ThreadScratch(detail::kScratchGroups, size_t(4 * c.n_blocks) * sizeof(float)));
+  if (!pre || !zs) {
     c.failed_alloc = true;
     return;
   }
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) {
     UnpackColumns<V8, BITS>(c, n, NB, pre);
-    BlockedRows<V8, BITS, NB>(c, m0, m1, n, pre);
+    BlockedRows<V8, BITS, NB>(c, m0, m1, n, pre, zs);
   }
   for (; n < n1; ++n) {
     UnpackColumns<V8, BITS>(c, n, 1, pre);
-    BlockedRows<V8, BITS, 1>(c, m0, m1, n, pre);
+    BlockedRows<V8, BITS, 1>(c, m0, m1, n, pre, zs);
   }
 }
 

@@ -47,8 +47,16 @@ struct ScalarI8 {
     out[0] = src[0];
   }
   template <int BITS>
-  static I DotChunk(I acc, const I* cv, const I* av) {
+  static constexpr int64_t NarrowChunks() {
+    return 1;
+  }
+  template <int BITS>
+  static I DotNarrow(I acc, const I* cv, const I* av) {
     return acc + cv[0] * av[0];
+  }
+  template <int BITS>
+  static I Widen(I acc, I narrow) {
+    return acc + narrow;
   }
   static float LaneScales(const float* p, int) { return p[0]; }
 

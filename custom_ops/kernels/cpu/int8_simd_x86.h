@@ -98,10 +98,18 @@ struct X86I8 {
     }
   }
 
-  // acc (int32 lanes) += sum over the chunk's vectors of codes x activations,
-  // each lane summing its four byte lanes.
+  // The dot product of one chunk, in two steps: DotNarrow adds the chunk's
+  // codes x activations to a narrow accumulator (AVX2, 2/3/4 bits: int16
+  // pairs; otherwise int32 lanes of four bytes), which may take up to
+  // NarrowChunks() chunks before Widen must add it to the int32 lanes.
   template <int BITS>
-  static I DotChunk(I acc, const I* cv, const I* av) {
+  static constexpr int64_t NarrowChunks() {
+    // AVX2: one chunk adds at most S x 2 x max code x 127 to an int16 lane.
+    return (kVnni || BITS == 8) ? (int64_t(1) << 40)
+                                : 32767 / (int64_t(Vectors<BITS>()) * 2 * ((1 << BITS) - 1) * 127);
+  }
+  template <int BITS>
+  static I DotNarrow(I acc, const I* cv, const I* av) {
     constexpr int S = Vectors<BITS>();
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
     for (int s = 0; s < S; ++s) acc = _mm256_dpbusd_epi32(acc, cv[s], av[s]);
@@ -110,19 +118,23 @@ struct X86I8 {
     for (int s = 0; s < S; ++s) acc = _mm256_dpbusd_avx_epi32(acc, cv[s], av[s]);
     return acc;
 #else
-    const __m256i ones = _mm256_set1_epi16(1);
     if constexpr (BITS == 8) {
       // |c - 128| <= 128 fits unsigned bytes and |q| <= 127: pairs stay below 2^15.
       const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(cv[0]), _mm256_sign_epi8(av[0], cv[0]));
-      return _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+      return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
     } else {
-      // Codes <= 15 and |q| <= 127: a chunk's int16 sums stay below 2^15
-      // (4 bits: 2 vectors x 2 x 15 x 127), so widen once per chunk.
-      __m256i p = _mm256_maddubs_epi16(cv[0], av[0]);
-      for (int s = 1; s < S; ++s) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(cv[s], av[s]));
-      return _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+      for (int s = 0; s < S; ++s) acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(cv[s], av[s]));
+      return acc;
     }
 #endif
+  }
+  template <int BITS>
+  static I Widen(I acc, I narrow) {
+    if constexpr (kVnni || BITS == 8) {
+      return _mm256_add_epi32(acc, narrow);
+    } else {
+      return _mm256_add_epi32(acc, _mm256_madd_epi16(narrow, _mm256_set1_epi16(1)));
+    }
   }
 
   // 8 lane scales from p[0 .. bpc): lane d gets p[d * bpc / 8]. Reads 8 floats.
