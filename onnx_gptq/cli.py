@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--algo", default="gptq", choices=[a.value for a in Algo], help="solver (default gptq)")
     quant.add_argument("--format", default="auto", choices=[f.value for f in Format],
                        help="auto (default): MatMulNBits when it can express the result, else our custom op")
-    quant.add_argument("--accuracy-level", type=int, default=0, help="MatMulNBits accuracy_level (default 0)")
+    quant.add_argument("--accuracy-level", type=int, default=0, help="accuracy_level of MatMulNBits and GptqMatMul nodes (default 0: fp32 math; "
+                            "4: int8 activations on CPU; --format auto compares the ops at this level)")
 
     which = parser.add_argument_group("which layers")
     which.add_argument("--include", action="append", default=[], metavar="REGEX",

@@ -68,8 +68,8 @@ class QuantConfig:
         include: regexes; when given, only matching layers are quantized.
         exclude: regexes; matching layers stay float.
         quantize_head: also quantize the output head (stays float by default).
-        accuracy_level: MatMulNBits accuracy_level attribute for the ort format
-            (0: default; 4: int8 compute on CPU).
+        accuracy_level: accuracy_level attribute of MatMulNBits and GptqMatMul nodes
+            (0: default, fp32 math; 4: int8 activations on CPU).
     """
 
     bits: int = 4
