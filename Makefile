@@ -37,9 +37,9 @@ test-cuda: $(STAMP)
 	$(PY) -m pytest -q -m cuda
 
 # The CPU custom-op library built with AddressSanitizer + UBSan into build-asan/,
-# then the custom-op tests run against it (python itself is not instrumented,
-# so libasan is preloaded; leak checking is off because python never frees
-# everything at exit).
+# then the custom-op and fuzz tests run against it, child processes included
+# (python itself is not instrumented, so libasan is preloaded; leak checking is
+# off because python never frees everything at exit).
 ASAN_LIB = $(CURDIR)/build-asan/custom_ops/libonnx_gptq_ops.so
 sanitize: $(STAMP)
 	cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DONNX_GPTQ_CUDA=OFF \
@@ -49,7 +49,7 @@ sanitize: $(STAMP)
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_string_checks=1 \
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-		$(PY) -m pytest -q -p no:cacheprovider tests/test_custom_ops.py
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_custom_ops.py tests/test_fuzz_gptq_matmul.py
 
 clean:
 	rm -rf $(VENV) build onnx_gptq/_lib .pytest_cache
