@@ -10,6 +10,9 @@ exact multiples of their block's sa must give the fp32 result.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -30,7 +33,12 @@ def run_int8(qw: QuantizedWeight, x: np.ndarray, accuracy_level: int = 4,
 
 
 def quantization_bound(qw: QuantizedWeight, x: np.ndarray) -> np.ndarray:
-    """[M, N] bound on |y - ref| from rounding x to int8 per block (or group, with g_idx)."""
+    """[M, N] bound on |y - ref| from rounding x to int8 per block (or group, with g_idx).
+
+    Plus fp32 rounding of the terms the kernel rounds: per block it adds
+    sa s dot(q, c) and subtracts s z sa sum(q) (exact integer sums, but two
+    fp32 terms of size ~ sum |a| s (c + z) that cancel to the block's share).
+    """
     k = x.shape[1]
     blocks = qw.g_idx if qw.g_idx is not None else np.arange(k) // qw.group_size
     x64 = x.astype(np.float64)
@@ -39,14 +47,15 @@ def quantization_bound(qw: QuantizedWeight, x: np.ndarray) -> np.ndarray:
         cols = blocks == b
         sa[:, cols] = np.abs(x64[:, cols]).max(axis=1, keepdims=True) / 127.0
     w = np.abs(qw.dequantize().astype(np.float64))
-    # fp32 rounding of the scaled partial sums on top (they are far smaller).
-    return (sa / 2) @ w.T + 8 * U32 * (np.abs(x64) @ w.T)
+    scale = np.abs(qw.scales.astype(np.float64))[:, blocks]
+    terms = scale * (qw.codes.astype(np.float64) + qw.zeros.astype(np.float64)[:, blocks])
+    return (sa / 2) @ w.T + 8 * U32 * ((np.abs(x64) + sa / 2) @ terms.T)
 
 
 def assert_within_quantization_bound(qw: QuantizedWeight, x: np.ndarray, y: np.ndarray) -> float:
     bound = quantization_bound(qw, x)
     err = np.abs(y.astype(np.float64) - reference(qw, x))
-    ratio = float((err / bound).max())
+    ratio = float((err / bound).max(initial=0.0))
     assert ratio <= 1.0, f"error {ratio:.3g} x the int8 rounding bound"
     return ratio
 
@@ -185,3 +194,39 @@ def test_int8_isa_introspection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert custom_ops.cpu_int8_isa() in ("avx512vnni", "avxvnni", "avx2", "scalar")
     monkeypatch.setenv("ONNX_GPTQ_CPU_ISA", "scalar")
     assert custom_ops.cpu_int8_isa() == "scalar"
+
+
+_PEAK_RSS_INT8 = """
+import re, sys
+import numpy as np
+from onnx_gptq import custom_ops
+from onnx_gptq.pack import CustomOpTensors
+K, N, bits, block_size, M = (int(v) for v in sys.argv[1:])
+codes = np.zeros((N, 1, -(-block_size * bits // 8)), np.uint8)  # every code 0, zero point 2**(bits-1)
+tensors = CustomOpTensors(B=codes, scales=np.ones((N, 1), np.float32), zero_points=None, g_idx=None,
+                          K=K, N=N, bits=bits, block_size=block_size)
+session = custom_ops.make_session(custom_ops.gptq_matmul_model(tensors, accuracy_level=4))
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\\s+(\\d+) kB", f.read()).group(1))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak (VmHWM) to the current RSS
+before = status_kib("VmRSS")
+y = session.run(None, {"A": np.ones((M, K), np.float32)})[0]
+print(status_kib("VmHWM") - before, y.min(), y.max())
+"""
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc/self")
+def test_memory_and_work_follow_K_not_block_size(bits: int, m: int) -> None:
+    """block_size may exceed K (2**22 here, for K = 3): the int8 path's activation
+    rows and unpacked codes must be sized, and its loops bounded, by K."""
+    k, n, block_size = 3, 2, 1 << 22
+    out = subprocess.run([sys.executable, "-c", _PEAK_RSS_INT8, *map(str, (k, n, bits, block_size, m))],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    grew_kib, y_min, y_max = out.stdout.split()
+    assert float(y_min) == float(y_max) == -(2 ** (bits - 1)) * k  # (0 - zp) * 1 per column
+    assert int(grew_kib) < 16 * 1024, f"the run grew the peak RSS by {int(grew_kib) // 1024} MiB"

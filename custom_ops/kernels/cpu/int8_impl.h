@@ -78,10 +78,14 @@ struct Buffer {
 // Everything one call needs, shared read-only by its tasks.
 struct Call {
   const GptqMatMulParams* p = nullptr;
-  int64_t M = 0, K = 0, N = 0, bs = 0, n_blocks = 0, blob = 0, n_groups = 0, Kp = 0;
+  int64_t M = 0, K = 0, N = 0, bs = 0, n_blocks = 0, blob = 0, n_groups = 0;
+  // Length of an activation row: K rounded up to whole chunks where SIMD units
+  // read past K, never n_blocks * block_size (block_size may exceed K).
+  int64_t Ka = 0;
   int bits = 0;
   // SIMD geometry (n_units = 0: everything in natural order by scalar code).
   int64_t unit_bytes = 0, unit_codes = 0, cpb = 1, bpc = 1, n_units = 0, simd_blocks = 0;
+  int64_t last_cpb = 1;  // chunks of the last unit that reach below K
   int code_offset = 0;  // subtracted from codes by the SIMD dot product (V8::CodeOffset)
   const float* scales_f32 = nullptr;
   const uint16_t* scales_f16 = nullptr;
@@ -91,7 +95,7 @@ struct Call {
   const int32_t* qstart = nullptr;  // [n_q + 1] quantization blocks (positions) with g_idx
   int64_t n_q = 0;                  // quantization blocks per row: n_blocks, or n_groups with g_idx
   int64_t sa_stride = 0;            // n_q + 8: rows of sa are read 8 lanes at a time
-  int8_t* act = nullptr;            // [M][Kp] quantized activations
+  int8_t* act = nullptr;            // [M][Ka] quantized activations
   float* sa = nullptr;              // [M][sa_stride] activation scale per block
   float* asq = nullptr;             // [M][n_q] sa * sum of q per block
   float* Yf = nullptr;              // [M][N] fp32 result (Y itself when T is float32)
@@ -121,8 +125,8 @@ inline int64_t UnitPosition(const Call& c, int64_t k) {
 template <class V8>
 void QuantizeTask(void* ctx, size_t task) {
   Call& c = *static_cast<Call*>(ctx);
-  // [K] fp32 row (fp16 input), [Kp] fp32 row in group order (g_idx), [K] int8.
-  const size_t floats = size_t(c.K + (c.qstart ? c.Kp : 0));
+  // [K] fp32 row (fp16 input), [K] fp32 row in group order (g_idx), [K] int8.
+  const size_t floats = size_t(c.K + (c.qstart ? c.K : 0));
   float* row = static_cast<float*>(detail::ThreadScratch(detail::kScratchRow, floats * sizeof(float) + size_t(c.K)));
   if (!row) {
     c.failed_alloc = true;
@@ -139,12 +143,12 @@ void QuantizeTask(void* ctx, size_t task) {
       V8::HalfToFloat(static_cast<const uint16_t*>(c.p->A) + m * c.K, row, c.K);
       a = row;
     }
-    int8_t* dst = c.act + m * c.Kp;
+    int8_t* dst = c.act + m * c.Ka;
     float* sa = c.sa + m * c.sa_stride;
     float* asq = c.asq + m * c.n_q;
     for (int64_t i = c.n_q; i < c.sa_stride; ++i) sa[i] = 0.0f;
     if (!c.qstart) {
-      for (int64_t i = c.K; i < c.Kp; ++i) dst[i] = 0;  // padding of the last block
+      for (int64_t i = c.K; i < c.Ka; ++i) dst[i] = 0;  // padding of the last chunk
       for (int64_t b = 0; b < c.n_blocks; ++b) {
         const int64_t k0 = b * c.bs, len = MinI(c.bs, c.K - k0);
         int32_t qsum = 0;
@@ -214,8 +218,7 @@ inline void ZeroScales(const Call& c, int64_t n, int nb, float* zs) {
 }
 
 // Columns n0..n0+NB-1 for rows r0..r0+R-1; zs from ZeroScales. kPre: the
-// codes of the SIMD units come unpacked from `pre` ([NB][n_units *
-// unit_codes]), else from B. kLanes: bpc > 1 (one chunk per unit, a scale
+// codes of the SIMD units come unpacked from `pre` ([NB][Ka]), else from B. kLanes: bpc > 1 (one chunk per unit, a scale
 // per pair of int32 lanes), else one scale per unit.
 template <class V8, int BITS, int R, int NB, bool kPre, bool kLanes>
 inline void Tile(const Call& c, int64_t r0, int64_t n0, const uint8_t* pre, const float* zs) {
@@ -225,7 +228,7 @@ inline void Tile(const Call& c, int64_t r0, int64_t n0, const uint8_t* pre, cons
   constexpr int S = V8::template Vectors<BITS>();
   constexpr int64_t C = V8::template Codes<BITS>();
   constexpr int64_t CB = V8::template ChunkBytes<BITS>();
-  const int64_t pre_stride = c.n_units * c.unit_codes;
+  const int64_t pre_stride = c.Ka;
   F facc[R][NB];
   GPTQ_UNROLL
   for (int r = 0; r < R; ++r)
@@ -235,14 +238,14 @@ inline void Tile(const Call& c, int64_t r0, int64_t n0, const uint8_t* pre, cons
   const float* sa[R];
   GPTQ_UNROLL
   for (int r = 0; r < R; ++r) {
-    act[r] = c.act + (r0 + r) * c.Kp;
+    act[r] = c.act + (r0 + r) * c.Ka;
     sa[r] = c.sa + (r0 + r) * c.sa_stride;
   }
   const uint8_t* rowb[NB];
   GPTQ_UNROLL
   for (int j = 0; j < NB; ++j) rowb[j] = c.Blob(n0 + j, 0);
   for (int64_t u = 0; u < c.n_units; ++u) {
-    const int64_t cpb = kLanes ? 1 : c.cpb;
+    const int64_t cpb = kLanes ? 1 : (u + 1 == c.n_units ? c.last_cpb : c.cpb);
     constexpr int64_t L = V8::template NarrowChunks<BITS>();
     for (int64_t ch0 = 0; ch0 < cpb; ch0 += L) {
       I nacc[R][NB];
@@ -377,15 +380,15 @@ void DirectTask(void* ctx, size_t task) {
   }
 }
 
-// Unpacks the SIMD units of columns [n, n + nb) into pre ([nb][n_units * unit_codes]).
+// Unpacks the SIMD units of columns [n, n + nb) into pre ([nb][Ka]).
 template <class V8, int BITS>
 inline void UnpackColumns(const Call& c, int64_t n, int nb, uint8_t* pre) {
   using I = typename V8::I;
   constexpr int S = V8::template Vectors<BITS>();
   constexpr int64_t C = V8::template Codes<BITS>();
   constexpr int64_t CB = V8::template ChunkBytes<BITS>();
-  const int64_t stride = c.n_units * c.unit_codes;
-  const int64_t chunks = c.n_units * c.cpb;
+  const int64_t stride = c.Ka;
+  const int64_t chunks = c.n_units == 0 ? 0 : (c.n_units - 1) * c.cpb + c.last_cpb;
   for (int j = 0; j < nb; ++j) {
     const uint8_t* src = c.Blob(n + j, 0);
     uint8_t* dst = pre + j * stride;
@@ -418,7 +421,7 @@ void BlockedTask(void* ctx, size_t task) {
   const int64_t n0 = group * c.cols_per_task, n1 = MinI(c.N, n0 + c.cols_per_task);
   const int64_t m0 = row_block * c.rows_per_block, m1 = MinI(c.M, m0 + c.rows_per_block);
   uint8_t* pre = static_cast<uint8_t*>(
-      detail::ThreadScratch(detail::kScratchCodes, size_t(NB * MaxI(1, c.n_units * c.unit_codes))));
+      detail::ThreadScratch(detail::kScratchCodes, size_t(NB * c.Ka)));
   float* zs = static_cast<float*>(detail::ThreadScratch(detail::kScratchGroups, size_t(4 * c.n_blocks) * sizeof(float)));
   if (!pre || !zs) {
     c.failed_alloc = true;
@@ -442,7 +445,7 @@ void BlockedTask(void* ctx, size_t task) {
 template <class V8, int BITS>
 void GidxTask(void* ctx, size_t task) {
   Call& c = *static_cast<Call*>(ctx);
-  uint8_t* codes = static_cast<uint8_t*>(detail::ThreadScratch(detail::kScratchCodes, size_t(c.Kp)));
+  uint8_t* codes = static_cast<uint8_t*>(detail::ThreadScratch(detail::kScratchCodes, size_t(c.K)));
   if (!codes) {
     c.failed_alloc = true;
     return;
@@ -455,7 +458,7 @@ void GidxTask(void* ctx, size_t task) {
       for (int64_t q = 0; q < len; ++q) codes[c.kperm[k0 + q]] = uint8_t(ExtractCode(blob, c.blob, BITS, q));
     }
     for (int64_t m = 0; m < c.M; ++m) {
-      const int8_t* act = c.act + m * c.Kp;
+      const int8_t* act = c.act + m * c.Ka;
       const float* sa = c.sa + m * c.sa_stride;
       const float* asq = c.asq + m * c.n_q;
       float y = 0.0f;
@@ -497,6 +500,7 @@ inline void PlanUnits(Call& c) {
   constexpr int64_t C = V8::template Codes<BITS>();
   c.n_units = 0;
   c.simd_blocks = 0;
+  c.Ka = c.K;
   if (!V8::kSimd || (c.bs * BITS) % 8 != 0) return;
   if (c.blob % CB == 0) {
     c.cpb = c.blob / CB;
@@ -513,6 +517,10 @@ inline void PlanUnits(Call& c) {
   c.unit_codes = c.cpb * C;
   c.simd_blocks = c.n_units * c.bpc;
   c.code_offset = V8::template CodeOffset<BITS>();
+  // Chunks wholly past K (padding of a last block longer than the rest of K)
+  // meet zero activations: skip them rather than read them.
+  c.last_cpb = c.bpc == 1 ? CeilDiv(c.K - (c.n_units - 1) * c.unit_codes, C) : 1;
+  c.Ka = MaxI(c.K, c.bpc == 1 ? (c.n_units - 1) * c.unit_codes + c.last_cpb * C : c.n_units * C);
 }
 
 template <class V8, int BITS>
@@ -527,7 +535,6 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
   c.n_blocks = CeilDiv(p.K, p.block_size);
   c.blob = CeilDiv(p.block_size * BITS, 8);
   c.n_groups = p.n_groups;
-  c.Kp = c.n_blocks * c.bs;
   if (p.dtype == DType::kFloat32) {
     c.scales_f32 = static_cast<const float*>(p.scales);
   } else {
@@ -561,11 +568,12 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
     for (int64_t k = 0; k < c.K; ++k) kp[k] = fill.as<int32_t>()[p.g_idx[k]]++;
     c.qstart = qs;
     c.n_q = c.n_groups;
+    c.Ka = c.K;
   }
   c.kperm = kp;
   c.sa_stride = c.n_q + 8;
 
-  Buffer act(size_t(c.M * c.Kp));
+  Buffer act(size_t(c.M * c.Ka));
   Buffer sa(size_t(c.M * c.sa_stride) * sizeof(float));
   Buffer asq(size_t(c.M * c.n_q) * sizeof(float));
   Buffer bias_f(p.bias && p.dtype == DType::kFloat16 ? size_t(c.N) * sizeof(float) : 0);
