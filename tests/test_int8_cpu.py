@@ -21,7 +21,7 @@ from onnx import helper
 from onnx_gptq import custom_ops
 from onnx_gptq.pack import pack_custom
 from onnx_gptq.qweight import QuantizedWeight
-from tests.test_custom_ops import U32, make_weight, reference
+from tests.test_custom_ops import _PEAK_RSS_CHILD, U32, make_weight, reference
 
 INT8_ISAS = ("avx2", "scalar")  # what ONNX_GPTQ_CPU_ISA can force on any x86 machine
 
@@ -196,25 +196,9 @@ def test_int8_isa_introspection(monkeypatch: pytest.MonkeyPatch) -> None:
     assert custom_ops.cpu_int8_isa() == "scalar"
 
 
-_PEAK_RSS_INT8 = """
-import re, sys
-import numpy as np
-from onnx_gptq import custom_ops
-from onnx_gptq.pack import CustomOpTensors
-K, N, bits, block_size, M = (int(v) for v in sys.argv[1:])
-codes = np.zeros((N, 1, -(-block_size * bits // 8)), np.uint8)  # every code 0, zero point 2**(bits-1)
-tensors = CustomOpTensors(B=codes, scales=np.ones((N, 1), np.float32), zero_points=None, g_idx=None,
-                          K=K, N=N, bits=bits, block_size=block_size)
-session = custom_ops.make_session(custom_ops.gptq_matmul_model(tensors, accuracy_level=4))
-def status_kib(field):
-    with open("/proc/self/status") as f:
-        return int(re.search(field + r":\\s+(\\d+) kB", f.read()).group(1))
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # resets the peak (VmHWM) to the current RSS
-before = status_kib("VmRSS")
-y = session.run(None, {"A": np.ones((M, K), np.float32)})[0]
-print(status_kib("VmHWM") - before, y.min(), y.max())
-"""
+# test_custom_ops' child, building the node with accuracy_level 4.
+_PEAK_RSS_INT8 = _PEAK_RSS_CHILD.replace("gptq_matmul_model(tensors)", "gptq_matmul_model(tensors, accuracy_level=4)")
+assert _PEAK_RSS_INT8 != _PEAK_RSS_CHILD
 
 
 @pytest.mark.parametrize("m", [1, 5, 40])
