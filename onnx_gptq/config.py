@@ -112,8 +112,8 @@ class QuantConfig:
         include: shorthand for ``LayerFilter(include=...)`` (see `layers`).
         exclude: shorthand for ``LayerFilter(exclude=...)``.
         quantize_head: shorthand for ``LayerFilter(quantize_head=...)``.
-        accuracy_level: MatMulNBits accuracy_level attribute for the ort format
-            (0: default; 4: int8 compute on CPU).
+        accuracy_level: accuracy_level attribute of MatMulNBits and GptqMatMul nodes
+            (0: default, fp32 math; 4: int8 activations on CPU).
     """
 
     bits: int = 4
