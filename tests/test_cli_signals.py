@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from onnx_gptq import model_io
+from onnx_gptq import staging
 from onnx_gptq.cli import main
 from tests.conftest import _exported
 
@@ -101,11 +101,11 @@ def test_runtime_warnings_do_not_precede_the_error(wrapper):
 
 
 def _staging(directory: Path, name: str, owner: str | None) -> Path:
-    path = directory / f"{model_io.STAGING_PREFIX}{name}"
+    path = directory / f"{staging.STAGING_PREFIX}{name}"
     path.mkdir()
     (path / "packed_weights.bin").write_bytes(b"\0" * 64)
     if owner is not None:
-        (path / model_io.OWNER_FILE).write_text(owner)
+        (path / staging.OWNER_FILE).write_text(owner)
     return path
 
 
@@ -135,9 +135,9 @@ def test_stale_staging_of_dead_owners_is_removed(tiny_llama_onnx, tmp_path, caps
 def test_staging_records_its_owner(tmp_path):
     import psutil
 
-    with model_io.staging_dir(tmp_path / "out.onnx") as staging:
-        pid, started, _ = (staging / model_io.OWNER_FILE).read_text().split()
+    with staging.staging_dir(tmp_path / "out.onnx") as directory:
+        pid, started, _ = (directory / staging.OWNER_FILE).read_text().split()
         assert int(pid) == os.getpid()
         assert abs(float(started) - psutil.Process().create_time()) < 1e-3
-        assert model_io.remove_stale_staging(tmp_path) == []
-    assert not staging.exists()
+        assert staging.remove_stale_staging(tmp_path) == []
+    assert not directory.exists()

@@ -120,7 +120,7 @@ def test_falls_back_to_torchscript_with_warning(tmp_path: Path, monkeypatch: pyt
 def test_check_catches_a_mismatch(tmp_path: Path) -> None:
     path = export.export_model(tiny_models.build_llama(seed=0), tmp_path / "a.onnx",
                                exporter="torchscript")
-    other = export._logits_wrapper(tiny_models.build_llama(seed=1), hf=True, takes_mask=True)
+    other = export.logits_wrapper(tiny_models.build_llama(seed=1), hf=True, takes_mask=True)
     with pytest.raises(export.ExportCheckError, match="differ from torch's"):
         export.check_export(other, path, vocab=tiny_models.VOCAB, seq_len=8, takes_mask=True,
                             dtype="float32")

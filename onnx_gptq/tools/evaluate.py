@@ -80,12 +80,12 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x
 
 
-@dataclasses.dataclass
 class _Totals:
-    nll: float = 0.0
-    kl: float = 0.0
-    agree: int = 0
-    count: int = 0
+    """Running sums over the scored positions: NLL and KL in nats, top-1 agreements, positions."""
+
+    def __init__(self) -> None:
+        self.nll = self.kl = 0.0
+        self.agree = self.count = 0
 
 
 def _score_row(logits: np.ndarray, targets: np.ndarray, ref_logits: np.ndarray | None,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import inspect
 import io
 import logging
@@ -30,9 +29,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from onnx_gptq.errors import ConfigError, ModelError, OutputError, first_line
+from onnx_gptq.errors import ConfigError, ModelError, OutputError
+from onnx_gptq.tools.causal_lm import (is_transformers_model, load_causal_lm, logits_wrapper, max_positions,
+                                       vocab_size)
+from onnx_gptq.tools.export_check import CheckResult, ExportCheckError, check_export, describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -42,158 +42,6 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 DTYPES = ("float32", "float16")
 EXPORTERS = ("auto", "dynamo", "torchscript")
-
-
-class ExportCheckError(ModelError):
-    """The exported graph's logits differ from torch's beyond tolerance."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckResult:
-    """How closely onnxruntime reproduced torch on the check inputs.
-
-    Args:
-        max_abs_diff: largest |onnxruntime - torch| over all logits compared.
-        tolerance: the bound `max_abs_diff` had to stay under.
-        shapes: the (batch, sequence) shapes that were run.
-    """
-
-    max_abs_diff: float
-    tolerance: float
-    shapes: tuple[tuple[int, int], ...]
-
-
-def _logits_wrapper(model: Any, *, hf: bool, takes_mask: bool) -> Any:
-    """Wrap `model` so that forward(input_ids[, attention_mask]) returns logits only.
-
-    Args:
-        model: a torch.nn.Module; for transformers models the KV cache is disabled.
-        hf: `model` is a transformers model (called with keywords, ``use_cache=False``).
-        takes_mask: forward receives an attention mask.
-
-    Returns:
-        A torch.nn.Module whose output is a float tensor [batch, sequence, vocab].
-    """
-    import torch
-
-    class _LogitsOnly(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                    ) -> torch.Tensor:
-            if hf:
-                out = self.inner(input_ids=input_ids, attention_mask=attention_mask,
-                                 use_cache=False)
-            elif takes_mask:
-                out = self.inner(input_ids, attention_mask=attention_mask)
-            else:
-                out = self.inner(input_ids)
-            return _pick_logits(out)
-
-    return _LogitsOnly(model).eval()
-
-
-def _pick_logits(out: Any) -> Any:
-    """The logits tensor out of whatever a model returns (tensor, ModelOutput, tuple, dict)."""
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
-        return out["logits"]
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise ModelError(f"model output of type {type(out).__name__} holds no logits tensor")
-
-
-def _is_transformers_model(model: Any) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is optional
-        return False
-    return isinstance(model, PreTrainedModel)
-
-
-def _vocab_size(model: Any, hf: bool) -> int:
-    """Vocabulary size: the config's for transformers models, else the first embedding's."""
-    import torch
-
-    if hf:
-        size = getattr(model.config, "vocab_size", None)
-        if size:
-            return int(size)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding):
-            return int(module.num_embeddings)
-    raise ModelError(f"{type(model).__name__}: no torch.nn.Embedding found, so the token "
-                     "vocabulary is unknown; export needs a model that takes input_ids")
-
-
-def _max_positions(model: Any, hf: bool) -> int | None:
-    if not hf:
-        return None
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(model.config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def load_causal_lm(source: str | os.PathLike[str], *, gguf_file: str | None = None,
-                   dtype: str = "float32") -> Any:
-    """Load a transformers causal LM from local files, in evaluation mode.
-
-    Args:
-        source: a transformers model directory, or a ``.gguf`` file.
-        gguf_file: name of a GGUF file inside the directory `source`.
-        dtype: "float32" or "float16".
-
-    Returns:
-        The torch.nn.Module (a transformers PreTrainedModel).
-
-    Raises:
-        ModelError: the path is missing or transformers cannot load it.
-    """
-    import torch
-
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise ModelError(f"model: {path} does not exist")
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ModelError(f"model: {path} is a file but not a .gguf; pass a transformers "
-                             "model directory or a GGUF file")
-        directory, gguf_file = path.parent, path.name
-    else:
-        directory = path
-        if gguf_file is not None and not (directory / gguf_file).is_file():
-            raise ModelError(f"model: GGUF file {directory / gguf_file} does not exist")
-    torch_dtype = torch.float16 if dtype == "float16" else torch.float32
-    try:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-    except ImportError as exc:
-        raise ModelError(f"model: loading {path} needs transformers (install onnx-gptq[llm])"
-                         ) from exc
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": True}
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
-    logger.info("loading %s%s as %s", directory, f" ({gguf_file})" if gguf_file else "", dtype)
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
-    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds on bad input
-        first = first_line(exc)
-        raise ModelError(f"model: transformers cannot load {path}: {first}") from exc
-    finally:
-        hf_logging.set_verbosity(level)
-    return model.eval()
 
 
 #: Loggers of the exporter stack whose INFO/WARNING chatter (rewrite rules applied,
@@ -340,16 +188,16 @@ def export_model(model: Any, output: str | os.PathLike[str], *, dtype: str = "fl
         elif dtype == "float32":
             model = model.to(torch.float32)
 
-    hf = _is_transformers_model(model)
+    hf = is_transformers_model(model)
     if hf:
         takes_mask = True
     else:
         takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
-    vocab = _vocab_size(model, hf)
-    max_pos = _max_positions(model, hf)
+    vocab = vocab_size(model, hf)
+    max_pos = max_positions(model, hf)
     if max_pos is not None and seq_len > max_pos:
         raise ConfigError(f"seq_len: {seq_len} exceeds the model's {max_pos} positions")
-    wrapped = _logits_wrapper(model, hf=hf, takes_mask=takes_mask)
+    wrapped = logits_wrapper(model, hf=hf, takes_mask=takes_mask)
     input_names = ["input_ids", "attention_mask"] if takes_mask else ["input_ids"]
 
     generator = torch.Generator().manual_seed(0)
@@ -366,7 +214,7 @@ def export_model(model: Any, output: str | os.PathLike[str], *, dtype: str = "fl
                                external=external)
                 used = "dynamo"
             except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds
-                reason = _first_line(exc)
+                reason = describe_error(exc)
                 if exporter == "dynamo":
                     raise ModelError(f"model: the dynamo exporter failed: {reason}") from exc
                 logger.warning("the dynamo exporter failed (%s); falling back to the "
@@ -377,7 +225,7 @@ def export_model(model: Any, output: str | os.PathLike[str], *, dtype: str = "fl
                 _export_torchscript(wrapped, args, output, input_names=input_names,
                                     opset=opset, external=external)
             except Exception as exc:  # noqa: BLE001
-                raise ModelError(f"model: the TorchScript exporter failed: {_first_line(exc)}"
+                raise ModelError(f"model: the TorchScript exporter failed: {describe_error(exc)}"
                                  ) from exc
     logger.info("exported %s with the %s exporter in %.1f s%s", output, used,
                 time.perf_counter() - start, " (external data)" if external else "")
@@ -388,65 +236,6 @@ def export_model(model: Any, output: str | os.PathLike[str], *, dtype: str = "fl
         logger.info("onnxruntime matches torch: max |diff| %.3g (tolerance %.3g) on shapes %s",
                     result.max_abs_diff, result.tolerance, result.shapes)
     return output
-
-
-def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {first_line(exc) if str(exc).strip() else ''}"
-
-
-def check_export(wrapped: Any, path: Path, *, vocab: int, seq_len: int, takes_mask: bool,
-                 dtype: str, max_positions: int | None = None) -> CheckResult:
-    """Compare onnxruntime's logits for `path` with torch's on two input shapes.
-
-    The second shape differs from the traced one in both batch and sequence, so a
-    graph whose axes were frozen fails here.
-
-    Args:
-        wrapped: the module that was exported (returns logits).
-        path: the exported .onnx file.
-        vocab: token ids are drawn from [0, vocab).
-        seq_len: the traced sequence length.
-        takes_mask: the graph has an attention_mask input.
-        dtype: "float32" (tolerance 1e-4 x max(1, max|logits|)) or "float16" (2e-2 x).
-        max_positions: the model's position limit, if any.
-
-    Returns:
-        The largest difference seen and the tolerance applied.
-
-    Raises:
-        ExportCheckError: the difference exceeds the tolerance, or the file does not run.
-    """
-    import torch
-
-    from onnx_gptq.runtime import sessions
-
-    other = seq_len + 5 if max_positions is None else min(seq_len + 5, max_positions)
-    shapes = ((2, seq_len), (3, other))
-    session = sessions.make_session(path, providers=["CPUExecutionProvider"], custom_ops=False,
-                                    what=f"the exported model {path}", error=ExportCheckError)
-    relative = 1e-4 if dtype == "float32" else 2e-2
-    worst, tolerance = 0.0, 0.0
-    generator = torch.Generator().manual_seed(1)
-    for batch, length in shapes:
-        ids = torch.randint(0, vocab, (batch, length), generator=generator)
-        mask = torch.ones_like(ids)
-        with torch.no_grad():
-            expected = (wrapped(ids, mask) if takes_mask else wrapped(ids)).float().numpy()
-        feeds = {"input_ids": ids.numpy()}
-        if takes_mask:
-            feeds["attention_mask"] = mask.numpy()
-        got = session.run(["logits"], feeds, context=f"{path}: input shape [{batch}, {length}]",
-                          error=ExportCheckError)[0].astype(np.float32)
-        if got.shape != expected.shape:
-            raise ExportCheckError(f"{path}: logits shape {list(got.shape)} from onnxruntime, "
-                                   f"{list(expected.shape)} from torch")
-        diff = float(np.max(np.abs(got - expected)))
-        bound = relative * max(1.0, float(np.max(np.abs(expected))))
-        if diff > bound:
-            raise ExportCheckError(f"{path}: onnxruntime's logits differ from torch's by "
-                                   f"{diff:.3g} (> {bound:.3g}) on input shape [{batch}, {length}]")
-        worst, tolerance = max(worst, diff), max(tolerance, bound)
-    return CheckResult(max_abs_diff=worst, tolerance=tolerance, shapes=shapes)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
