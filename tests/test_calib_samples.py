@@ -232,3 +232,19 @@ def test_load_tokenizer_special_tokens(encoder: tuple[Path, Path]) -> None:
     assert tok.encode("the cat") == _word_ids("the cat")
     assert tok.encode_sample("the cat runs", 4) == [CLS, *_word_ids("the cat"), SEP]
     assert tok.encode_sample("the cat runs", 1) == [CLS]
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["one-pass", "sequential"])
+def test_every_layer_counts_only_real_tokens(encoder: tuple[Path, Path], tmp_path: Path, sequential: bool) -> None:
+    """Through the pass, one-pass and sequential (whose stages do not read the mask): every
+    quantized layer's Hessian saw exactly the real tokens of the padded batches."""
+    import onnx_gptq
+    from onnx_gptq.config import QuantConfig
+
+    model, tok = encoder
+    calib = CalibConfig(num_samples=len(SENTENCES), seq_len=16, batch_size=4, sequential=sequential)
+    _, report = onnx_gptq.quantize_with_report(model, SENTENCES, QuantConfig(group_size=32), calib=calib,
+                                               tokenizer=tok, output=tmp_path / "q.onnx", device="cpu")
+    tokens = sum(min(len(s.split()) + 2, 16) for s in SENTENCES)
+    assert len(report.layers) >= 8
+    assert {row.calibration_rows for row in report.layers} == {tokens}

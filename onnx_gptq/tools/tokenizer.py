@@ -58,10 +58,20 @@ _PAD_NAMES = ("[PAD]", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>")
 
 
 class _Wrapped:
-    """Special-token handling shared by the two wrappers (subclasses give `_encode`)."""
+    """Special-token handling shared by the two wrappers (subclasses give `_encode` and `vocab_size`)."""
+
+    def __init__(self, tok: Any, source: Path | str) -> None:
+        self._tok = tok
+        self.source = source
 
     def _encode(self, text: str, special: bool) -> list[int]:
         raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=True))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.source}, vocab_size={self.vocab_size})"
 
     def encode(self, text: str) -> list[int]:
         return self._encode(text, False)
@@ -94,10 +104,6 @@ class _Wrapped:
 class _FastTokenizer(_Wrapped):
     """A ``tokenizers.Tokenizer`` read from a tokenizer.json file."""
 
-    def __init__(self, tok: Any, source: Path | str) -> None:
-        self._tok = tok
-        self.source = source
-
     @property
     def vocab_size(self) -> int:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
@@ -114,19 +120,9 @@ class _FastTokenizer(_Wrapped):
     def _encode(self, text: str, special: bool) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=special).ids)
 
-    def decode(self, ids: list[int]) -> str:
-        return str(self._tok.decode(list(ids), skip_special_tokens=True))
-
-    def __repr__(self) -> str:
-        return f"Tokenizer({self.source}, vocab_size={self.vocab_size})"
-
 
 class _HFTokenizer(_Wrapped):
     """A transformers tokenizer (directory or GGUF)."""
-
-    def __init__(self, tok: Any, source: Path | str) -> None:
-        self._tok = tok
-        self.source = source
 
     @property
     def vocab_size(self) -> int:
@@ -148,12 +144,6 @@ class _HFTokenizer(_Wrapped):
                 return list(self._tok.encode(text, add_special_tokens=special))
             finally:
                 _restore_transformers(verbosity)
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self._tok.decode(list(ids), skip_special_tokens=True))
-
-    def __repr__(self) -> str:
-        return f"Tokenizer({self.source}, vocab_size={self.vocab_size})"
 
 
 def as_tokenizer(tokenizer: Any) -> Any:
