@@ -129,7 +129,7 @@ def _configs(args: argparse.Namespace) -> tuple[QuantConfig, CalibConfig]:
                         accuracy_level=args.accuracy_level)
     calib = CalibConfig(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                         providers=_providers(args.providers), seed=args.seed, sequential=args.sequential,
-                        split=None if args.calib_split == "auto" else args.calib_split,
+                        split=args.calib_split,
                         memory_budget=None if args.memory_budget is None else int(args.memory_budget * 2**30))
     return quant, calib
 

@@ -220,7 +220,7 @@ class CalibConfig:
         memory_budget: bytes of Hessian statistics held at once; above it,
             calibration runs in several passes over groups of layers.
             None: a quarter of the machine's RAM.
-        split: how text is cut ("windows" or "samples"); None chooses by
+        split: how text is cut ("windows" or "samples"); None (or "auto") chooses by
             model kind (`calibrate.model_kind`): samples for encoders,
             windows for causal LMs and models of unknown kind.
     """
@@ -236,6 +236,8 @@ class CalibConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "providers", tuple(self.providers))
+        if self.split == "auto":  # the CLI's word for None
+            object.__setattr__(self, "split", None)
         if self.split is not None:
             object.__setattr__(self, "split", _enum(CalibSplit, self.split, "calib_split"))
         for name in ("num_samples", "seq_len", "batch_size"):

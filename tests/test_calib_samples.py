@@ -100,6 +100,7 @@ def test_causal_lm_keeps_windows_and_samples_can_be_asked_for(tiny_llama_onnx: P
     assert (samples[0]["input_ids"][:, 0] == 0).all()
     with pytest.raises(ConfigError, match="calib_split: 'rows' is not one of windows, samples"):
         CalibConfig(split="rows")
+    assert CalibConfig(split="auto").split is None and CalibConfig(split="SAMPLES").split is CalibSplit.SAMPLES
 
 
 def test_kind_from_config_json(tmp_path: Path) -> None:
@@ -199,7 +200,8 @@ def test_encoder_padded_calibration_matches_one_by_one(encoder: tuple[Path, Path
     assert np.abs(naive[names[0]].xtx - reference[names[0]].xtx).max() > 1e-2 * np.abs(reference[names[0]].xtx).max()
 
 
-def test_quantize_an_encoder_from_text_reports_the_split(encoder: tuple[Path, Path], tmp_path: Path) -> None:
+def test_quantize_an_encoder_from_text_reports_the_split(encoder: tuple[Path, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     from onnx_gptq import cli
 
     model, tok = encoder
@@ -208,8 +210,9 @@ def test_quantize_an_encoder_from_text_reports_the_split(encoder: tuple[Path, Pa
     out, report = tmp_path / "q.onnx", tmp_path / "report.json"
     code = cli.main([str(model), "--calib", str(calib), "--tokenizer", str(tok), "-o", str(out), "--bits", "4",
                      "--group-size", "32", "--num-samples", "8", "--seq-len", "16", "--batch-size", "4",
-                     "--report", str(report), "-q"])
+                     "--report", str(report)])
     assert code == 0
+    assert "calibration text split: samples (model kind encoder (from config.json))" in capsys.readouterr().out
     calib_report = json.loads(report.read_text())["calib"]
     assert calib_report["split"] == "samples" and "encoder" in calib_report["split_reason"]
     import onnxruntime as ort
@@ -248,3 +251,50 @@ def test_every_layer_counts_only_real_tokens(encoder: tuple[Path, Path], tmp_pat
     tokens = sum(min(len(s.split()) + 2, 16) for s in SENTENCES)
     assert len(report.layers) >= 8
     assert {row.calibration_rows for row in report.layers} == {tokens}
+
+
+@pytest.mark.slow
+def test_real_minilm_padded_samples(tmp_path: Path) -> None:
+    """all-MiniLM-L6-v2 (PyPI), exported here: padded sample batches give the one-by-one Hessians,
+    and W4 g32 GPTQ calibrated on them keeps the mean-pooled sentence embeddings close."""
+    import onnxruntime as ort
+    from transformers import BertModel
+
+    import onnx_gptq
+    from devtools import assets
+    from onnx_gptq.config import QuantConfig
+
+    folder = assets.minilm_folder()
+    model = tiny_models.export_bert(BertModel.from_pretrained(str(folder)).eval(), tmp_path / "model.onnx")
+    tok = folder / "tokenizer.json"
+    calib_text, eval_text = assets.sotu_split()
+    proto = onnx.load(model, load_external_data=False)
+    weights = {t.name for t in proto.graph.initializer}
+    names = sorted({n.input[0] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights})[:6]
+    paragraphs = [p for p in calib_text.split("\n\n") if p.strip()][:8]
+    padded = collect_hessians(proto, names, make_batches(paragraphs, proto, CalibConfig(num_samples=8, seq_len=64,
+                                                                                       batch_size=4), tokenizer=tok))
+    alone = collect_hessians(proto, names, make_batches(paragraphs, proto, CalibConfig(num_samples=8, seq_len=64,
+                                                                                      batch_size=1), tokenizer=tok))
+    for name in names:
+        assert padded[name].rows == alone[name].rows
+        scale = np.abs(alone[name].xtx).max()
+        np.testing.assert_allclose(padded[name].xtx, alone[name].xtx, rtol=0, atol=1e-5 * scale)
+
+    calib_file = tmp_path / "calib.txt"
+    calib_file.write_text(calib_text, encoding="utf-8")
+    out, report = onnx_gptq.quantize_with_report(
+        model, calib_file, QuantConfig(bits=4, group_size=32), tokenizer=tok, output=tmp_path / "q.onnx",
+        calib=CalibConfig(num_samples=32, seq_len=128, batch_size=8), device="cpu")
+    assert report.calib["split"] == "samples"
+    sentences = [p.split(". ")[0] for p in eval_text.split("\n\n") if p.strip()][:32]
+    feeds = make_batches(sentences, proto, CalibConfig(num_samples=32, seq_len=128, batch_size=32), tokenizer=tok)[0]
+
+    def embed(path: Path) -> np.ndarray:
+        hidden = ort.InferenceSession(str(path)).run(None, feeds)[0]
+        mask = feeds["attention_mask"][..., None].astype(np.float32)
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        return pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+
+    cosine = (embed(model) * embed(Path(out))).sum(-1)
+    assert cosine.mean() > 0.95, cosine
