@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from onnx_gptq import calibrate, rewrite, targets  # noqa: E402
 from onnx_gptq.config import CalibConfig, QuantConfig  # noqa: E402
 from onnx_gptq.pipeline import quantize_with_report  # noqa: E402
-from onnx_gptq.solve import relative_error  # noqa: E402
+from onnx_gptq.error_traces import relative_error  # noqa: E402
 
 logger = logging.getLogger("bench_vs_ort")
 

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from onnx_gptq import grid
+from onnx_gptq import error_traces, grid
 from onnx_gptq.config import Algo, QuantConfig
 from onnx_gptq.errors import CalibrationError, ModelError
 from onnx_gptq.qweight import QuantizedWeight
@@ -38,10 +38,6 @@ logger = logging.getLogger(__name__)
 
 # Damping fractions tried after the configured one fails (x10 steps up to 1.0).
 _MAX_DAMP = 1.0
-# Up to this many multiply-adds (N*K*K per trace) the reported error traces are
-# exact float64 products; above it they come from the ||Err||^2 identity and the
-# triangular factor, in float32 (the full products would cost more than GPTQ).
-_FLOAT64_TRACE_LIMIT = 2e9
 # Columns per left-looking sub-block inside a lazy-batch block.
 _SUB = 32
 
@@ -81,83 +77,6 @@ def _torch_dtype(scale_dtype: np.dtype | type, label: str) -> torch.dtype:
     if dt.name == "bfloat16":
         return torch.bfloat16
     raise ValueError(f"{label}: scale_dtype {dt} is not supported (float32, float16 or bfloat16)")
-
-
-def _trace_quadratic(W: torch.Tensor, Qs: list[torch.Tensor], H: torch.Tensor | None,
-                     chunk_rows: int = 2048) -> list[float]:
-    """tr(A H A^T) for A = W and A = W - Q for each Q (||A||^2 when H is None).
-
-    Small problems are done in float64 throughout; large ones multiply by H in
-    float32 (accumulating the traces in float64), in chunks of rows.
-
-    Args:
-        W: float32 [N, K].
-        Qs: float32 [N, K] each.
-        H: float64 [K, K] or None.
-    Returns:
-        [tr(W H W^T), tr(dW_1 H dW_1^T), ...].
-    """
-    n, k = W.shape
-    exact = H is None or (1 + len(Qs)) * n * k * k <= _FLOAT64_TRACE_LIMIT
-    dtype = torch.float64 if exact else torch.float32
-    Hc = None if H is None else H.to(dtype)
-    out = [0.0] * (1 + len(Qs))
-    for r0 in range(0, n, chunk_rows):
-        w = W[r0:r0 + chunk_rows].to(dtype)
-        for j, A in enumerate([w] + [w - Q[r0:r0 + chunk_rows].to(dtype) for Q in Qs]):
-            AH = A if Hc is None else A @ Hc
-            out[j] += float((AH * A).sum(dtype=torch.float64))
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class _FactorTraces:
-    """tr(A H A^T) for the undamped H from the damped factor, at half a product's cost.
-
-    With J Hd J = L L^T (Hd = H + lam*I with dead inputs set to 1, in solve order
-    `perm`), tr(A Hd A^T) = ||A[:, perm] J L||^2, and L is triangular, so column
-    block j of the product only needs the rows of L from j on.
-    """
-
-    L: torch.Tensor  # float32 [K, K] lower
-    order: torch.Tensor  # int64 [K]: perm reversed
-    lam: float  # damp * mean(diag H)
-    dead: torch.Tensor  # bool [K], original order
-
-    def trace(self, A: torch.Tensor, block: int = 512) -> float:
-        """tr(A H A^T) for float32 A [N, K] in the original column order."""
-        k = A.shape[1]
-        Ap = A[:, self.order]  # [N, K]
-        total = 0.0
-        for j in range(0, k, block):
-            total += float((Ap[:, j:] @ self.L[j:, j:j + block]).pow(2).sum(dtype=torch.float64))
-        total -= self.lam * float(A.pow(2).sum(dtype=torch.float64))
-        if bool(self.dead.any()):
-            total -= float(A[:, self.dead].pow(2).sum(dtype=torch.float64))
-        return total
-
-
-def relative_error(W: np.ndarray, Q: np.ndarray, H: np.ndarray | None) -> float:
-    """tr((W-Q) H (W-Q)^T) / tr(W H W^T) in float64 (weight-space when H is None).
-
-    Args:
-        W: float [N, K] original weight.
-        Q: float [N, K] quantized (dequantized) weight.
-        H: float [K, K] Hessian, or None.
-    Returns:
-        The relative error; 0 when the denominator is 0 and W == Q.
-    """
-    W64 = np.asarray(W, dtype=np.float64)
-    dW = W64 - np.asarray(Q, dtype=np.float64)
-    if H is None:
-        num, den = float((dW ** 2).sum()), float((W64 ** 2).sum())
-    else:
-        H64 = np.asarray(H, dtype=np.float64)
-        num = float(((dW @ H64) * dW).sum())
-        den = float(((W64 @ H64) * W64).sum())
-    if den == 0.0:
-        return 0.0 if num == 0.0 else float("inf")
-    return num / den
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,10 +324,10 @@ def solve(W: np.ndarray, H: np.ndarray | None, config: QuantConfig, *,
         den, rtn_num = traces.trace(W0), traces.trace(W0 - Qr)
         num = gptq_trace if gptq_trace is not None else traces.trace(W0 - _dequantize_torch(qw, dev))
     elif qw is rtn_qw:
-        den, num = _trace_quadratic(W0, [Qr], H0)
+        den, num = error_traces.trace_quadratic(W0, [Qr], H0)
         rtn_num = num
     else:
-        den, num, rtn_num = _trace_quadratic(W0, [_dequantize_torch(qw, dev), Qr], H0)
+        den, num, rtn_num = error_traces.trace_quadratic(W0, [_dequantize_torch(qw, dev), Qr], H0)
     rel = lambda x: (0.0 if x == 0.0 else float("inf")) if den == 0.0 else x / den  # noqa: E731
     seconds = time.perf_counter() - t0
     logger.debug("%s: %s %d-bit g%d error %.4g (rtn %.4g) in %.2fs", label, config.algo.value,
@@ -419,7 +338,7 @@ def solve(W: np.ndarray, H: np.ndarray | None, config: QuantConfig, *,
 
 def _solve_gptq(W0: torch.Tensor, H0: torch.Tensor, g: _Grid, config: QuantConfig,
                 scale_dtype: np.dtype, label: str
-                ) -> tuple[QuantizedWeight, float, float | None, _FactorTraces | None] | None:
+                ) -> tuple[QuantizedWeight, float, float | None, error_traces.FactorTraces | None] | None:
     """GPTQ proper; None (after a warning) when H is unusable and RTN must do.
 
     Returns:
@@ -487,7 +406,7 @@ def _solve_gptq(W0: torch.Tensor, H0: torch.Tensor, g: _Grid, config: QuantConfi
             g_idx = g_idx_t.cpu().numpy().astype(np.int32)
     qw = _to_qweight(codes, scale, zero, g, scale_dtype, g_idx=g_idx)
 
-    if n * k * k <= _FLOAT64_TRACE_LIMIT:
+    if n * k * k <= error_traces.FLOAT64_TRACE_LIMIT:
         return qw, damp, None, None
     # tr(dW H dW^T) for the undamped H needs no product at all: ||Err||^2 is the
     # trace for the damped H (dead columns stay 0 in W and Q and add nothing), so
@@ -496,5 +415,5 @@ def _solve_gptq(W0: torch.Tensor, H0: torch.Tensor, g: _Grid, config: QuantConfi
     dW_sq = float((W_dead0 - _dequantize_torch(qw, W0.device)).double().pow(2).sum())
     trace = err_sq - lam * dW_sq if lam * dW_sq < 0.5 * err_sq else None
     order = torch.arange(k, device=W0.device) if perm is None else perm
-    helper = _FactorTraces(L=L, order=order.flip(0), lam=lam, dead=dead)
+    helper = error_traces.FactorTraces(L=L, order=order.flip(0), lam=lam, dead=dead)
     return qw, damp, trace, helper

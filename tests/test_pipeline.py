@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,20 @@ def test_cli_defaults_are_the_configs_defaults(tmp_path: Path) -> None:
     quant, calib = cli._configs(args)
     assert quant == QuantConfig()
     assert calib == CalibConfig(providers=("CPUExecutionProvider",))
+
+
+def test_architecture_page_and_readme_layout_match_the_tree() -> None:
+    root = Path(__file__).resolve().parents[1]
+    package = root / "onnx_gptq"
+    modules = sorted(p.relative_to(package).with_suffix("").as_posix()
+                     for p in package.rglob("*.py") if p.name != "__init__.py")
+    page = (root / "docs" / "ARCHITECTURE.md").read_text()
+    missing = [m for m in modules if f"{m.rsplit('/', 1)[-1]}" not in page]
+    assert not missing, f"docs/ARCHITECTURE.md does not name {missing}"
+    readme = (root / "README.md").read_text()
+    layout = readme[readme.index("Layout ("):].split("\n\n", 1)[0]
+    for folder in ("onnx_gptq/", "onnx_gptq/runtime/", "onnx_gptq/tools/", "devtools/", "custom_ops/"):
+        assert f"`{folder}`" in layout and (root / folder).is_dir(), folder
+    named = set(re.findall(r"`([a-z_]+)`", layout))
+    existing = {m.rsplit("/", 1)[-1] for m in modules} | {"calibrate", "runtime", "tools"}
+    assert named - existing <= {"kernels", "ort", "cpu", "cuda"}, named - existing

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from onnx_gptq import grid, pack
+from onnx_gptq import error_traces, grid, pack
 from onnx_gptq import solve as solve_mod
 from onnx_gptq.config import QuantConfig
 from onnx_gptq.errors import CalibrationError, ModelError
-from onnx_gptq.solve import relative_error, solve
+from onnx_gptq.error_traces import relative_error
+from onnx_gptq.solve import solve
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -238,7 +239,7 @@ def test_error_without_extra_product_matches_exact(monkeypatch: pytest.MonkeyPat
     H[7, :] = H[:, 7] = 0  # a dead input
     cfg = QuantConfig(bits=3, group_size=32, act_order=act_order, damp=damp)
     exact = solve(W, H, cfg, device="cpu")
-    monkeypatch.setattr(solve_mod, "_FLOAT64_TRACE_LIMIT", 0)
+    monkeypatch.setattr(error_traces, "FLOAT64_TRACE_LIMIT", 0)
     fast = solve(W, H, cfg, device="cpu")
     np.testing.assert_array_equal(fast.qweight.codes, exact.qweight.codes)
     assert fast.error == pytest.approx(exact.error, rel=1e-4)

@@ -15,10 +15,10 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from onnx_gptq.calibrate import statistics, taps as taps_mod
 from onnx_gptq.calibrate.batching import token_mask
@@ -28,6 +28,9 @@ from onnx_gptq.calibrate.taps import Tap
 from onnx_gptq.errors import CalibrationError
 from onnx_gptq.runtime import sessions
 from onnx_gptq.runtime.sessions import Provider
+
+if TYPE_CHECKING:  # sessions are opened by runtime.sessions only
+    import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
 
