@@ -300,3 +300,20 @@ def test_real_minilm_padded_samples(tmp_path: Path) -> None:
     # A sanity bound: whether GPTQ beats round-to-nearest here depends on damping (issue 12, items 3-4).
     cosine = (embed(model) * embed(Path(out))).sum(-1)
     assert cosine.mean() > 0.8, cosine
+
+
+def test_a_tokenizer_json_that_pads_and_truncates_is_used_without_either(tmp_path: Path) -> None:
+    """sentence-transformers' tokenizer.json pads and truncates every encoding to a fixed length:
+    neither may reach calibration (samples would all be that long, the window stream cut short)."""
+    from tokenizers import Tokenizer
+
+    path = tiny_models.wordpiece_tokenizer(tmp_path / "tokenizer.json")
+    raw = Tokenizer.from_file(str(path))
+    raw.enable_padding(pad_id=PAD, pad_token="[PAD]", length=12)
+    raw.enable_truncation(max_length=12)
+    raw.save(str(path))
+    tok = load_tokenizer(path)
+    long_text = " ".join(["the cat runs"] * 10)
+    assert tok.encode("the cat") == _word_ids("the cat")
+    assert len(tok.encode(long_text)) == 30
+    assert tok.encode_sample("the cat", 64) == [CLS, *_word_ids("the cat"), SEP] and tok.pad_token_id == PAD

@@ -104,6 +104,17 @@ class _Wrapped:
 class _FastTokenizer(_Wrapped):
     """A ``tokenizers.Tokenizer`` read from a tokenizer.json file."""
 
+    def __init__(self, tok: Any, source: Path | str) -> None:
+        padding = tok.padding
+        self._pad = None if padding is None else int(padding["pad_id"])
+        if padding is not None or tok.truncation is not None:
+            # A tokenizer.json may pad or truncate every encoding (sentence-transformers'
+            # pad to 128): calibration cuts and pads itself, so use a copy that does neither.
+            tok = type(tok).from_str(tok.to_str())
+            tok.no_padding()
+            tok.no_truncation()
+        super().__init__(tok, source)
+
     @property
     def vocab_size(self) -> int:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
@@ -111,9 +122,8 @@ class _FastTokenizer(_Wrapped):
     @property
     def pad_token_id(self) -> int | None:
         """The id batches are padded with (None: the tokenizer names none)."""
-        padding = self._tok.padding
-        if padding is not None:
-            return int(padding["pad_id"])
+        if self._pad is not None:
+            return self._pad
         vocab = self._tok.get_vocab(with_added_tokens=True)
         return next((int(vocab[name]) for name in _PAD_NAMES if name in vocab), None)
 
