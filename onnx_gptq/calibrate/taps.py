@@ -25,6 +25,7 @@ import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_gptq.calibrate import masked_taps
 from onnx_gptq.errors import ModelError
 from onnx_gptq.graph import reads
 
@@ -48,8 +49,9 @@ class Tap:
     name: str  # tensor in the user's graph
     k: int  # last dimension
     xtx_output: str  # float32 [K, K]
-    size_output: str  # int64 scalar: number of elements of the activation
+    size_output: str  # int64 scalar: number of elements of the activation (of its rows counted)
     order: int  # position of its producer in graph.node (-1: graph input or initializer)
+    mapped_output: str = ""  # bool scalar, masked graphs only: padding was dropped (`masked_taps`)
 
     @property
     def output_bytes(self) -> int:
@@ -85,7 +87,7 @@ def plan_taps(model: onnx.ModelProto, names: list[str]) -> list[Tap]:
         while f"{stem}/xtx" in used or f"{stem}/size" in used:
             stem += "_"
         taps.append(Tap(name=name, k=int(k), xtx_output=f"{stem}/xtx", size_output=f"{stem}/size",
-                         order=producers.get(name, -1)))
+                         order=producers.get(name, -1), mapped_output=f"{stem}/mapped"))
     return taps
 
 
@@ -236,8 +238,16 @@ def _needed_nodes(model: onnx.ModelProto, targets: set[str]) -> tuple[list[int],
     return sorted(position[k] for k in keep), read
 
 
-def augmented(model: onnx.ModelProto, taps: list[Tap]) -> tuple[onnx.ModelProto, dict[str, TensorProto]]:
+def augmented(model: onnx.ModelProto, taps: list[Tap], *,
+              masked: bool = False) -> tuple[onnx.ModelProto, dict[str, TensorProto]]:
     """The pruned, augmented copy, and the embedded tensors to hand over separately.
+
+    Args:
+        model: the model to observe.
+        taps: the activations, from `plan_taps`.
+        masked: add the `masked_taps.TOKEN_MASK` input and keep masked-out
+            (padded) rows out of every tap whose rows map to tokens; each tap
+            then also outputs `Tap.mapped_output`.
 
     Returns:
         (model, in_memory): `model` holds every needed initializer, embedded ones
@@ -280,6 +290,11 @@ def augmented(model: onnx.ModelProto, taps: list[Tap]) -> tuple[onnx.ModelProto,
     if not any(o.domain in ("", "ai.onnx") for o in aug.opset_import):
         aug.opset_import.append(helper.make_opsetid("", 17))
     del graph.output[:]
+    if masked:
+        nodes, consts, mask_input = masked_taps.mask_nodes()
+        graph.input.append(mask_input)
+        graph.initializer.extend(consts)
+        graph.node.extend(nodes)
     shapes: dict[int, str] = {}
     for tap in taps:
         if tap.k not in shapes:
@@ -289,14 +304,22 @@ def augmented(model: onnx.ModelProto, taps: list[Tap]) -> tuple[onnx.ModelProto,
         graph.node.extend([
             helper.make_node("Reshape", [tap.name, shapes[tap.k]], [f"{stem}/x2d"], name=f"{stem}/Reshape"),
             helper.make_node("Cast", [f"{stem}/x2d"], [f"{stem}/xf"], to=TensorProto.FLOAT, name=f"{stem}/Cast"),
-            helper.make_node("Transpose", [f"{stem}/xf"], [f"{stem}/xt"], perm=[1, 0], name=f"{stem}/Transpose"),
-            helper.make_node("MatMul", [f"{stem}/xt", f"{stem}/xf"], [tap.xtx_output], name=f"{stem}/MatMul"),
-            helper.make_node("Size", [f"{stem}/xf"], [tap.size_output], name=f"{stem}/Size"),
         ])
+        if masked:
+            graph.node.extend(masked_taps.masked_tap_nodes(tap.name, f"{stem}/xf", stem, tap.k, tap.xtx_output,
+                                                           tap.size_output, tap.mapped_output))
+        else:
+            graph.node.extend([
+                helper.make_node("Transpose", [f"{stem}/xf"], [f"{stem}/xt"], perm=[1, 0], name=f"{stem}/Transpose"),
+                helper.make_node("MatMul", [f"{stem}/xt", f"{stem}/xf"], [tap.xtx_output], name=f"{stem}/MatMul"),
+                helper.make_node("Size", [f"{stem}/xf"], [tap.size_output], name=f"{stem}/Size"),
+            ])
         graph.output.extend([
             helper.make_tensor_value_info(tap.xtx_output, TensorProto.FLOAT, [tap.k, tap.k]),
             helper.make_tensor_value_info(tap.size_output, TensorProto.INT64, []),
         ])
+        if masked:
+            graph.output.append(helper.make_tensor_value_info(tap.mapped_output, TensorProto.BOOL, []))
     return aug, in_memory
 
 
