@@ -5,9 +5,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+FORCE:
+
 .PHONY: demo test test-slow test-cuda test-oldest-ort install sanitize bench-llm bench-vs-ort clean
 
-$(STAMP): pyproject.toml CMakeLists.txt
+# The editable install maps each module to its file: when modules are added,
+# moved or removed, it must be made again (the list is rewritten only when it changes).
+MODULE_LIST := $(VENV)/.module-list
+$(MODULE_LIST): FORCE
+	@mkdir -p $(VENV)
+	@find onnx_gptq -name '*.py' | LC_ALL=C sort > $@.new
+	@cmp -s $@.new $@ && rm -f $@.new || mv $@.new $@
+
+$(STAMP): pyproject.toml CMakeLists.txt $(MODULE_LIST)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch first, pinned: anything else pulls several GB of CUDA packages.

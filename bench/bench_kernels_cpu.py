@@ -3,14 +3,21 @@
 Each op runs as a one-node onnxruntime session on the CPU execution provider
 with the same intra-op thread count; the weight is a random N x K quantized
 matrix packed by onnx_gptq.pack (pack_custom / pack_matmulnbits), and the fp32
-MatMul gets its dequantized copy. Prints one table row per (shape, bits, m) with
-the median time of each op.
+MatMul gets its dequantized copy. GptqMatMul and MatMulNBits run at
+accuracy_level 0 (fp32 math) and 4 (int8 activations). The ops of one row are
+timed in turns (one call each, round robin) so that a busy machine slows them
+alike; each call is timed with the wall clock and with process CPU time, and
+the table shows medians of both ("cpu / wall" ms).
 
     python bench/bench_kernels_cpu.py                      # the default grid
-    python bench/bench_kernels_cpu.py --m 1 --bits 4 --shapes 4096x4096
+    python bench/bench_kernels_cpu.py --m 1 --bits 4 --shapes 4096x4096 --threads 1 2
 
-MatMulNBits runs with accuracy_level 0 (fp32 compute) and only for the bit
-widths it takes (2, 4, 8; 3-bit rows show "-").
+MatMulNBits takes 2, 4 and 8 bits; for 3-bit rows its columns show the 4-bit
+weight of the same shape (the target: 3-bit GptqMatMul reads fewer bytes).
+At m = 1 the table also gives GptqMatMul's effective weight bandwidth (packed
+bytes of B, scales and zero points per call / wall time) next to the machine's
+copy bandwidth, measured first with numpy (bytes read + written per second,
+one thread).
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ def _model(node: onnx.NodeProto, k: int, n: int, inits: list[onnx.TensorProto],
     return model
 
 
-def matmulnbits_model(qw: QuantizedWeight) -> onnx.ModelProto:
+def matmulnbits_model(qw: QuantizedWeight, accuracy_level: int = 0) -> onnx.ModelProto:
     t = pack_matmulnbits(qw)
     inits = [numpy_helper.from_array(t.B, "B"), numpy_helper.from_array(t.scales, "scales")]
     inputs = ["A", "B", "scales"]
@@ -62,7 +69,7 @@ def matmulnbits_model(qw: QuantizedWeight) -> onnx.ModelProto:
         inits.append(numpy_helper.from_array(t.zero_points, "zero_points"))
         inputs.append("zero_points")
     node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=t.K, N=t.N, bits=t.bits,
-                            block_size=t.block_size, accuracy_level=0)
+                            block_size=t.block_size, accuracy_level=accuracy_level)
     return _model(node, t.K, t.N, inits, [helper.make_opsetid("com.microsoft", 1)])
 
 
@@ -81,46 +88,68 @@ def options(threads: int) -> ort.SessionOptions:
     return opts
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-clock = CLOCKS["wall"]
-
-
-def time_run(run: Callable[[], object], min_time: float, min_runs: int) -> float:
-    """Median seconds per call, after warm-up, over >= min_runs calls and >= min_time seconds."""
-    for _ in range(3):
-        run()
-    times: list[float] = []
+def time_ops(runs: dict[str, Callable[[], object]], min_time: float, min_runs: int) -> dict[str, tuple[float, float]]:
+    """Median (process CPU, wall) seconds per call of each op, timed in turns after warm-up."""
+    for run in runs.values():
+        for _ in range(3):
+            run()
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    wall: dict[str, list[float]] = {name: [] for name in runs}
     start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_time:
-        t0 = clock()
-        run()
-        times.append(clock() - t0)
-    return statistics.median(times)
+    while min(len(v) for v in wall.values()) < min_runs or time.perf_counter() - start < min_time:
+        for name, run in runs.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            run()
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    return {name: (statistics.median(cpu[name]), statistics.median(wall[name])) for name in runs}
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Best bytes (read + written) per second of a numpy copy of `megabytes` MB (one thread)."""
+    src = np.ones(megabytes * 2**20 // 8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), options(threads), providers=["CPUExecutionProvider"])
+
+
+OPS = ("GptqMatMul acc0", "GptqMatMul acc4", "MatMulNBits acc0", "MatMulNBits acc4", "fp32 MatMul")
 
 
 def bench_one(k: int, n: int, bits: int, group: int, ms: list[int], threads: int, min_time: float,
-              rng: np.random.Generator) -> list[tuple[int, float, float | None, float]]:
+              rng: np.random.Generator) -> list[tuple[int, dict[str, tuple[float, float]], int]]:
+    """Rows (m, {op: (cpu s, wall s)}, packed weight bytes) for one weight."""
     qw = random_weight(k, n, bits, group, rng)
-    gptq = custom_ops.make_session(custom_ops.gptq_matmul_model(pack_custom(qw)), sess_options=options(threads))
-    nbits = None
-    if bits in MATMULNBITS_BITS:
-        nbits = ort.InferenceSession(matmulnbits_model(qw).SerializeToString(), options(threads),
-                                     providers=["CPUExecutionProvider"])
-    fp32 = ort.InferenceSession(fp32_model(qw).SerializeToString(), options(threads),
-                                providers=["CPUExecutionProvider"])
+    packed = pack_custom(qw)
+    weight_bytes = packed.B.nbytes + packed.scales.nbytes + (packed.zero_points.nbytes if packed.zero_points is not None else 0)
+    nbits_qw = qw if bits in MATMULNBITS_BITS else random_weight(k, n, 4, group, rng)
+    sessions = {
+        "GptqMatMul acc0": custom_ops.make_session(custom_ops.gptq_matmul_model(packed), sess_options=options(threads)),
+        "GptqMatMul acc4": custom_ops.make_session(custom_ops.gptq_matmul_model(packed, accuracy_level=4),
+                                                   sess_options=options(threads)),
+        "MatMulNBits acc0": _session(matmulnbits_model(nbits_qw, 0), threads),
+        "MatMulNBits acc4": _session(matmulnbits_model(nbits_qw, 4), threads),
+        "fp32 MatMul": _session(fp32_model(qw), threads),
+    }
     rows = []
     for m in ms:
         x = rng.standard_normal((m, k), dtype=np.float32)
-        ref = fp32.run(None, {"A": x})[0]
-        got = gptq.run(None, {"A": x})[0]
-        rel = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
-        if rel > 1e-4:
-            raise AssertionError(f"GptqMatMul disagrees with fp32 MatMul at {k}x{n} {bits}-bit m={m}: {rel:.2e}")
-        min_runs = 20 if m <= 8 else 5
-        t_gptq = time_run(lambda: gptq.run(None, {"A": x}), min_time, min_runs)
-        t_nbits = time_run(lambda: nbits.run(None, {"A": x}), min_time, min_runs) if nbits else None
-        t_fp32 = time_run(lambda: fp32.run(None, {"A": x}), min_time, min_runs)
-        rows.append((m, t_gptq, t_nbits, t_fp32))
+        ref = sessions["fp32 MatMul"].run(None, {"A": x})[0]
+        scale = max(float(np.abs(ref).max()), 1e-30)
+        for name, tol in (("GptqMatMul acc0", 1e-4), ("GptqMatMul acc4", 5e-2)):
+            rel = float(np.abs(sessions[name].run(None, {"A": x})[0] - ref).max()) / scale
+            if rel > tol:
+                raise AssertionError(f"{name} disagrees with fp32 MatMul at {k}x{n} {bits}-bit m={m}: {rel:.2e}")
+        runs = {name: (lambda s=s: s.run(None, {"A": x})) for name, s in sessions.items()}
+        rows.append((m, time_ops(runs, min_time, 20 if m <= 8 else 5), weight_bytes))
     return rows
 
 
@@ -138,33 +167,41 @@ def cpu_model() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="KxN weight shapes")
-    parser.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
-    parser.add_argument("--m", nargs="+", type=int, default=[1, 128, 512], help="rows of A")
-    parser.add_argument("--group", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every session")
-    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per op and m")
+    parser.add_argument("--bits", nargs="+", type=int, default=[4, 3])
+    parser.add_argument("--m", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 128, 512], help="rows of A")
+    parser.add_argument("--group", nargs="+", type=int, default=[128, 32])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="intra-op threads of every session")
+    parser.add_argument("--min-time", type=float, default=0.3, help="seconds of timed runs per row")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall time, or process CPU time (meaningful with --threads 1 on a busy machine)")
     args = parser.parse_args(argv)
-    global clock
-    clock = CLOCKS[args.clock]
 
     rng = np.random.default_rng(args.seed)
+    bandwidth = copy_bandwidth()
     print(f"# onnxruntime {ort.__version__}, CPU: {cpu_model()}, {os.cpu_count()} logical CPUs, "
-          f"intra_op_num_threads={args.threads}, kernel ISA: {custom_ops.cpu_isa()}, group {args.group}, "
-          f"{args.clock} clock")
-    header = ("K x N", "bits", "m", "GptqMatMul ms", "MatMulNBits ms", "fp32 MatMul ms", "vs NBits", "vs fp32")
+          f"kernel ISA: {custom_ops.cpu_isa()}, int8 ISA: {custom_ops.cpu_int8_isa()}, "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (numpy, read + write, one thread)")
+    header = ("K x N", "bits", "group", "threads", "m", *(f"{op} ms" for op in OPS),
+              "acc4 vs NBits acc4", "acc0 vs fp32", "m=1 weight GB/s")
+    print("# times: process CPU / wall ms, medians; ratios: other op's time / GptqMatMul's (CPU time); "
+          ">= 1.00x means GptqMatMul is as fast or faster")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for shape in args.shapes:
         k, n = (int(v) for v in shape.lower().split("x"))
         for bits in args.bits:
-            for m, t_g, t_nb, t_f in bench_one(k, n, bits, args.group, args.m, args.threads, args.min_time, rng):
-                nb = f"{t_nb * 1e3:.3f}" if t_nb is not None else "-"
-                vs_nb = f"{t_nb / t_g:.2f}x" if t_nb is not None else "-"
-                print(f"| {k}x{n} | {bits} | {m} | {t_g * 1e3:.3f} | {nb} | {t_f * 1e3:.3f} | {vs_nb} | "
-                      f"{t_f / t_g:.2f}x |", flush=True)
+            for group in args.group:
+                for threads in args.threads:
+                    for m, t, weight_bytes in bench_one(k, n, bits, group, args.m, threads, args.min_time, rng):
+                        cells = [f"{t[op][0] * 1e3:.3f} / {t[op][1] * 1e3:.3f}" for op in OPS]
+                        vs_nb = t["MatMulNBits acc4"][0] / t["GptqMatMul acc4"][0]
+                        vs_fp = t["fp32 MatMul"][0] / t["GptqMatMul acc0"][0]
+                        gbs = "-"
+                        if m == 1:
+                            best = min(t["GptqMatMul acc0"][1], t["GptqMatMul acc4"][1])
+                            gbs = f"{weight_bytes / best / 1e9:.1f} ({weight_bytes / best / bandwidth:.0%})"
+                        nb_bits = "" if bits in MATMULNBITS_BITS else " (NBits 4-bit)"
+                        print(f"| {k}x{n} | {bits}{nb_bits} | {group} | {threads} | {m} | " + " | ".join(cells) +
+                              f" | {vs_nb:.2f}x | {vs_fp:.2f}x | {gbs} |", flush=True)
     return 0
 
 

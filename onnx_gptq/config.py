@@ -31,6 +31,13 @@ class Algo(str, enum.Enum):
     RTN = "rtn"  # round-to-nearest, the baseline
 
 
+class CalibSplit(str, enum.Enum):
+    """How calibration text is cut into sequences."""
+
+    WINDOWS = "windows"  # random windows of one token stream (causal LMs), after the tokenizer's BOS
+    SAMPLES = "samples"  # one sample per line / paragraph / string, with the tokenizer's special tokens
+
+
 class Format(str, enum.Enum):
     """Packed-node format written into the output model."""
 
@@ -112,8 +119,8 @@ class QuantConfig:
         include: shorthand for ``LayerFilter(include=...)`` (see `layers`).
         exclude: shorthand for ``LayerFilter(exclude=...)``.
         quantize_head: shorthand for ``LayerFilter(quantize_head=...)``.
-        accuracy_level: MatMulNBits accuracy_level attribute for the ort format
-            (0: default; 4: int8 compute on CPU).
+        accuracy_level: accuracy_level attribute of MatMulNBits and GptqMatMul nodes
+            (0: default, fp32 math; 4: int8 activations on CPU).
     """
 
     bits: int = 4
@@ -213,6 +220,9 @@ class CalibConfig:
         memory_budget: bytes of Hessian statistics held at once; above it,
             calibration runs in several passes over groups of layers.
             None: a quarter of the machine's RAM.
+        split: how text is cut ("windows" or "samples"); None (or "auto") chooses by
+            model kind (`calibrate.model_kind`): samples for encoders,
+            windows for causal LMs and models of unknown kind.
     """
 
     num_samples: int = 128
@@ -222,9 +232,14 @@ class CalibConfig:
     seed: int = 0
     sequential: bool = False
     memory_budget: int | None = None
+    split: CalibSplit | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "providers", tuple(self.providers))
+        if self.split == "auto":  # the CLI's word for None
+            object.__setattr__(self, "split", None)
+        if self.split is not None:
+            object.__setattr__(self, "split", _enum(CalibSplit, self.split, "calib_split"))
         for name in ("num_samples", "seq_len", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be positive")
@@ -235,4 +250,5 @@ class CalibConfig:
         """The settings as plain JSON values (providers given with options keep only their names)."""
         out = dataclasses.asdict(self)
         out["providers"] = [p if isinstance(p, str) else p[0] for p in self.providers]
+        out["split"] = None if self.split is None else self.split.value
         return out

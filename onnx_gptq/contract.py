@@ -18,6 +18,9 @@ GPTQ_OP_VERSION = 1
 #: Inputs in order (docs/CUSTOM_OP.md); zero_points, g_idx and bias are optional.
 GPTQ_INPUTS = ("A", "B", "scales", "zero_points", "g_idx", "bias")
 GPTQ_ATTRIBUTES = ("K", "N", "bits", "block_size")
+#: Optional attributes (absent means 0, so models written without them load in older libraries).
+GPTQ_OPTIONAL_ATTRIBUTES = ("accuracy_level",)
+GPTQ_ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 #: Code widths the solver, the packer and the custom kernels take.
 GPTQ_BITS = (2, 3, 4, 8)
 

@@ -96,7 +96,8 @@ class LayerQuantizer:
     def _rewrite_all(self, groups: list[WeightGroup], results: Iterable[tuple[SolveResult, int]]) -> None:
         for group, (result, rows) in zip(groups, results):
             with self.phase("pack+rewrite"):
-                fmt, why = rewrite.choose_format(self.config.format, result.qweight, group.dtype, group.name)
+                fmt, why = rewrite.choose_format(self.config.format, result.qweight, group.dtype, group.name,
+                                                 self.config.accuracy_level)
                 if why:
                     self.report.format_notes.append(f"{group.name}: written as {fmt.value} ({why})")
                 rewrite.rewrite_group(self.model, group, result.qweight, fmt,

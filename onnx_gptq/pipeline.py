@@ -80,8 +80,15 @@ class GptqPass(ir.passes.InPlacePass):
                               "model_io.with_opset first")
 
     def call(self, model: ir.Model) -> GptqResult:
-        report = Report(config=self.config.to_dict(), selection=self.layers.to_dict(),
-                        calib=self.calib.to_dict() if self.config.algo is Algo.GPTQ else None,
+        calib, calib_dict = self.calib, None
+        if self.config.algo is Algo.GPTQ:
+            from onnx_gptq.calibrate.model_kind import choose_split
+
+            # Resolved once, so the report says which split ran and why.
+            split, reason = choose_split(calib.split, model, self.model_dir)
+            calib = dataclasses.replace(calib, split=split)
+            calib_dict = calib.to_dict() | {"split_reason": reason}
+        report = Report(config=self.config.to_dict(), selection=self.layers.to_dict(), calib=calib_dict,
                         run={"jobs": self.jobs, "device": self.device})
         phase = PhaseTimer(report.phases)
         with phase("targets"):
@@ -90,7 +97,7 @@ class GptqPass(ir.passes.InPlacePass):
                                    total=len(groups), store=self.store)
         try:
             if self.config.algo is Algo.GPTQ:
-                self._calibrate_and_solve(model, groups, quantizer, phase)
+                self._calibrate_and_solve(model, groups, quantizer, phase, calib)
             else:
                 quantizer(groups, {})  # round to nearest: no statistics
         finally:
@@ -123,16 +130,16 @@ class GptqPass(ir.passes.InPlacePass):
         raise ModelError(f"nothing to quantize in the model ({reasons})")
 
     def _calibrate_and_solve(self, model: ir.Model, groups: list[targets.WeightGroup],
-                             quantizer: LayerQuantizer, phase: PhaseTimer) -> None:
-        """Stage 2, then 3-5 per calibration pass (or per sequential stage)."""
+                             quantizer: LayerQuantizer, phase: PhaseTimer, calib: CalibConfig) -> None:
+        """Stage 2, then 3-5 per calibration pass (or per sequential stage); `calib` has its split resolved."""
         from onnx_gptq import calibrate
         from onnx_gptq.runtime import sessions
 
-        calib = self.calib
         providers = calib.providers or sessions.default_providers()
         budget = calib.memory_budget or statistics.default_memory_budget()
         with phase("calibrate"):
-            batches = calibrate.make_batches(self.calibration, model, calib, tokenizer=self.tokenizer)
+            batches = calibrate.make_batches(self.calibration, model, calib, tokenizer=self.tokenizer,
+                                             model_dir=self.model_dir)
         # onnxruntime cannot run a model whose float weights exceed the memory at
         # hand; then run it stage by stage in float (same one-pass Hessians).
         import psutil

@@ -91,6 +91,8 @@ class Report:
     def summary(self) -> str:
         """A few lines for the end of a CLI run."""
         lines = [f"quantized {len(self.layers)} weight(s); left {len(self.skipped)} MatMul/Gemm node(s) float"]
+        if self.calib and self.calib.get("split"):
+            lines.append(f"calibration text split: {self.calib['split']} ({self.calib.get('split_reason', '')})")
         if self.layers:
             mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
             lines.append(

@@ -35,7 +35,34 @@ QDQ_MIN_OPSET = contract.QDQ_MIN_OPSET
 _ORT_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 
 
-def choose_format(requested: Format, qw: QuantizedWeight, dtype: ir.DataType, layer: str = "") -> tuple[Format, str]:
+#: Which op is faster on CPU where both can hold the weight, measured with
+#: bench/bench_kernels_cpu.py on 2026-12-02 (docs/BENCHMARKS.md, "accuracy_level 4"
+#: section, one thread, CPU time): (bits, int8 activations?, group <= 32?, large
+#: weight? (K*N >= 4096*4096)) -> (format, GptqMatMul's speed against MatMulNBits
+#: at m=1 / m=128). GptqMatMul is chosen only where it is at least as fast at both
+#: m=1 (decode) and m=128 (prefill); missing keys keep MatMulNBits.
+SPEED_TABLE: dict[tuple[int, bool, bool, bool], tuple[Format, str]] = {
+    (4, False, False, False): (Format.ORT, "GptqMatMul 1.30x at m=1, 0.96x at m=128 on 2048x2048"),
+    (4, False, False, True): (Format.ORT, "GptqMatMul 1.52x at m=1, 0.85x at m=128 on 4096x4096"),
+    (4, False, True, False): (Format.ORT, "GptqMatMul 1.17x at m=1, 0.89x at m=128 on 2048x2048"),
+    (4, False, True, True): (Format.ORT, "GptqMatMul 1.45x at m=1, 0.91x at m=128 on 4096x4096"),
+    (4, True, False, False): (Format.ORT, "GptqMatMul 1.60x at m=1, 0.87x at m=128 on 2048x2048"),
+    (4, True, False, True): (Format.ORT, "GptqMatMul 1.34x at m=1, 0.96x at m=128 on 4096x4096"),
+    (4, True, True, False): (Format.ORT, "GptqMatMul 0.89x at m=1, 0.64x at m=128 on 2048x2048"),
+    (4, True, True, True): (Format.ORT, "GptqMatMul 1.12x at m=1, 0.66x at m=128 on 4096x4096"),
+}
+_LARGE_WEIGHT = 4096 * 4096
+
+
+def _faster_op(qw: QuantizedWeight, accuracy_level: int) -> tuple[Format, str]:
+    """SPEED_TABLE's entry for this weight (MatMulNBits where nothing was measured)."""
+    n, k = qw.shape
+    key = (qw.bits, accuracy_level == 4, 0 < qw.group_size <= 32, k * n >= _LARGE_WEIGHT)
+    return SPEED_TABLE.get(key, (Format.ORT, "not measured; MatMulNBits kept"))
+
+
+def choose_format(requested: Format, qw: QuantizedWeight, dtype: ir.DataType, layer: str = "",
+                  accuracy_level: int = 0) -> tuple[Format, str]:
     """The format a weight is written in, and why (for AUTO).
 
     Args:
@@ -43,9 +70,11 @@ def choose_format(requested: Format, qw: QuantizedWeight, dtype: ir.DataType, la
         qw: the solver's result.
         dtype: the dtype the consuming nodes compute in.
         layer: the weight's name, for errors.
+        accuracy_level: the accuracy_level the node will get (AUTO compares the
+            ops at that level, SPEED_TABLE).
     Returns:
-        (format, reason); reason is "" unless AUTO chose CUSTOM (MatMulNBits cannot
-        hold the weight, or runs it slowly: 2 bits).
+        (format, reason); for AUTO the reason says why (MatMulNBits cannot hold
+        the weight, runs it slowly: 2 bits, or the measured speeds); "" otherwise.
     Raises:
         ConfigError: an explicit 'ort' format that cannot hold this weight.
     """
@@ -59,7 +88,11 @@ def choose_format(requested: Format, qw: QuantizedWeight, dtype: ir.DataType, la
         # slow reference path on CPU, 60-250x slower than GptqMatMul at batch 1.
         return Format.CUSTOM, "MatMulNBits' 2-bit CPU kernel is a slow fallback"
     if reason is None:
-        return Format.ORT, ""
+        if requested is Format.ORT:
+            return Format.ORT, ""
+        fmt, measured = _faster_op(qw, accuracy_level)
+        which = "GptqMatMul" if fmt is Format.CUSTOM else "MatMulNBits"
+        return fmt, f"{which} is faster at accuracy_level {accuracy_level} ({measured})"
     if requested is Format.ORT:
         raise ConfigError(f"layer '{layer}': format 'ort' (MatMulNBits) cannot express {reason}; "
                           "use --format auto or custom")
@@ -178,7 +211,7 @@ def _rewrite_ort(group: WeightGroup, qw: QuantizedWeight, builder: _Builder, acc
         _packed_node(target, (ORT_DOMAIN, contract.MATMULNBITS_OP_TYPE), inputs, attributes, builder, t.N)
 
 
-def _rewrite_custom(group: WeightGroup, qw: QuantizedWeight, builder: _Builder) -> None:
+def _rewrite_custom(group: WeightGroup, qw: QuantizedWeight, builder: _Builder, accuracy_level: int) -> None:
     t = pack.pack_custom(qw)
     dtype = group.dtype
     inputs = [
@@ -188,6 +221,8 @@ def _rewrite_custom(group: WeightGroup, qw: QuantizedWeight, builder: _Builder) 
         builder.initializer("g_idx", t.g_idx) if t.g_idx is not None else None,
     ]
     attributes = {"K": t.K, "N": t.N, "bits": t.bits, "block_size": t.block_size}
+    if accuracy_level:  # absent means 0; older libraries then still load the model
+        attributes[contract.GPTQ_OPTIONAL_ATTRIBUTES[0]] = accuracy_level
     for target in group.targets:
         _packed_node(target, (CUSTOM_DOMAIN, CUSTOM_OP_TYPE), inputs, attributes, builder, t.N)
 
@@ -227,7 +262,8 @@ def rewrite_group(model: ir.Model, group: WeightGroup, qw: QuantizedWeight, fmt:
         group: the weight and its consumers (from `targets.find_targets`).
         qw: the solver's result for this weight, [N, K].
         fmt: a concrete format (not AUTO; see `choose_format`).
-        accuracy_level: MatMulNBits accuracy_level (ort format).
+        accuracy_level: the accuracy_level attribute of MatMulNBits / GptqMatMul nodes
+            (4: int8 activations on CPU; GptqMatMul omits 0).
         taken_names: names already used by earlier rewrites (updated).
         store: makes the tensor of each new initializer (default: in memory;
             `model_io.PackedWeightFile` writes them to disk instead).
@@ -238,7 +274,7 @@ def rewrite_group(model: ir.Model, group: WeightGroup, qw: QuantizedWeight, fmt:
         _rewrite_ort(group, qw, builder, accuracy_level)
         model.opset_imports.setdefault(ORT_DOMAIN, 1)
     elif fmt is Format.CUSTOM:
-        _rewrite_custom(group, qw, builder)
+        _rewrite_custom(group, qw, builder, accuracy_level)
         model.opset_imports.setdefault(CUSTOM_DOMAIN, 1)
     elif fmt is Format.QDQ:
         if model_io.default_opset(model) < QDQ_MIN_OPSET:

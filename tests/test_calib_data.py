@@ -21,7 +21,7 @@ WORDS = [f"w{i}" for i in range(VOCAB - 1)]  # token id i + 1; id 0 is [UNK]
 
 
 def _lm(*, ids_dims: tuple = ("batch", "sequence"), ids_type: int = TensorProto.INT64, past: bool = True,
-        extra: list[onnx.ValueInfoProto] | None = None, gather: bool = True) -> onnx.ModelProto:
+        extra: list[onnx.ValueInfoProto] | None = None, gather: bool = True, mask: bool = True) -> onnx.ModelProto:
     """input_ids -> Gather(embedding) -> "emb" -> MatMul -> logits, plus the usual side inputs."""
     rng = np.random.default_rng(0)
     embedding = rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32)
@@ -31,6 +31,8 @@ def _lm(*, ids_dims: tuple = ("batch", "sequence"), ids_type: int = TensorProto.
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence_length"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
     ]
+    if not mask:
+        inputs = [i for i in inputs if i.name != "attention_mask"]
     if past:
         inputs += [
             helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT,
@@ -166,14 +168,25 @@ def test_npy_rows_are_cut_and_taken_in_order(tmp_path: Path) -> None:
     assert [b["input_ids"].shape[0] for b in batches] == [3, 1]
 
 
-def test_short_rows_batch_by_length_without_padding(tmp_path: Path) -> None:
+def test_short_rows_are_padded_with_mask_zero_or_batched_by_length(tmp_path: Path) -> None:
     rows = [list(range(1, 11)), list(range(1, 31)), [], list(range(2, 12)), [5, 6, 7]]
     path = tmp_path / "ids.jsonl"
     path.write_text("\n".join(json.dumps({"input_ids": r}) for r in rows), encoding="utf-8")
-    batches = make_batches(path, _lm(), CalibConfig(num_samples=10, seq_len=16, batch_size=4))
+    config = CalibConfig(num_samples=10, seq_len=16, batch_size=3)
+    # The model takes a mask: padded at the end to the batch's longest row, mask 0 there.
+    batches = make_batches(path, _lm(), config)
+    assert [b["input_ids"].shape for b in batches] == [(3, 16), (1, 3)]
+    first = batches[0]
+    np.testing.assert_array_equal(first["attention_mask"].sum(axis=1), [10, 16, 10])
+    assert first["attention_mask"].dtype == np.int64
+    assert first["input_ids"][0].tolist() == rows[0] + [0] * 6
+    assert first["input_ids"][2, :10].tolist() == rows[3]
+    np.testing.assert_array_equal(batches[1]["attention_mask"], [[1, 1, 1]])
+    np.testing.assert_array_equal(first["position_ids"], np.tile(np.arange(16), (3, 1)))
+    # Without a mask input, only rows of equal length share a batch (padding would change the model's output).
+    batches = make_batches(path, _lm(mask=False), config)
     got = [b["input_ids"].tolist() for b in batches]
     assert got == [[rows[0], rows[3]], [rows[1][:16]], [rows[4]]]
-    assert [b["attention_mask"].shape for b in batches] == [(2, 10), (1, 16), (1, 3)]
 
 
 def test_id_stream_array_is_cut_into_windows() -> None:
@@ -190,9 +203,15 @@ def test_static_dims_clip_sequence_and_batch(tmp_path: Path, caplog: pytest.LogC
     path = tmp_path / "ids.jsonl"
     path.write_text("\n".join(json.dumps({"input_ids": list(range(1, n + 1))}) for n in (12, 5, 9)), encoding="utf-8")
     with caplog.at_level(logging.WARNING, logger="onnx_gptq.calibrate.batching"):
-        batches = make_batches(path, model, CalibConfig(num_samples=8, seq_len=512, batch_size=4))
+        batches = make_batches(path, _lm(ids_dims=(1, 8), past=False, mask=False),
+                               CalibConfig(num_samples=8, seq_len=512, batch_size=4))
     assert [b["input_ids"].tolist() for b in batches] == [[list(range(1, 9))], [list(range(1, 9))]]
     assert "shorter than the model's fixed sequence length 8" in caplog.text
+    # With a mask input, the short row is padded to the static length instead.
+    batches = make_batches(path, model, CalibConfig(num_samples=8, seq_len=512, batch_size=4))
+    assert [b["input_ids"].tolist() for b in batches] == [[list(range(1, 9))], [[1, 2, 3, 4, 5, 0, 0, 0]],
+                                                          [list(range(1, 9))]]
+    np.testing.assert_array_equal(batches[1]["attention_mask"], [[1, 1, 1, 1, 1, 0, 0, 0]])
 
 
 def test_feed_dicts_used_as_given_with_defaults_filled() -> None:

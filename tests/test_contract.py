@@ -34,6 +34,10 @@ def test_cpp_op_declares_the_same_domain_type_inputs_and_attributes() -> None:
     assert tuple(re.findall(r'"([^"]+)"', names)) == contract.GPTQ_INPUTS
     attributes = re.search(r"attrs\[\] = \{(.*?)\};", source, re.S).group(1)
     assert tuple(re.findall(r'\{"(\w+)"', attributes)) == contract.GPTQ_ATTRIBUTES
+    for name in contract.GPTQ_OPTIONAL_ATTRIBUTES:  # read with a default of 0
+        assert f'KernelInfoGetAttribute_int64(info, "{name}"' in source
+    levels = re.search(r"accuracy_level < (\d+) \|\| out->accuracy_level > (\d+)", source).groups()
+    assert (int(levels[0]), int(levels[1])) == (min(contract.GPTQ_ACCURACY_LEVELS), max(contract.GPTQ_ACCURACY_LEVELS))
 
 
 def _weight(bits: int, group_size: int, k: int = 64, n: int = 8, sym: bool = False) -> QuantizedWeight:

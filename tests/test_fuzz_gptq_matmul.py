@@ -176,6 +176,38 @@ def test_matches_float64_reference(monkeypatch: pytest.MonkeyPatch, best_isa: st
     assert_within_rounding_bound(qw, x, y, bias)
 
 
+INT8_ISAS = ("best", "avx2", "scalar")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("isa", INT8_ISAS)
+def test_int8_matches_float64_reference(monkeypatch: pytest.MonkeyPatch, isa: str, case: Case) -> None:
+    """accuracy_level 4 on the same cases: within the bound of rounding A to int8 per
+    block (tests.test_int8_cpu.quantization_bound), plus float16 output rounding."""
+    from tests.test_int8_cpu import quantization_bound
+    from tests.test_custom_ops import reference
+
+    if isa == "best":
+        monkeypatch.delenv("ONNX_GPTQ_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONNX_GPTQ_CPU_ISA", isa)
+        assert custom_ops.cpu_int8_isa() in (isa, "scalar")
+    qw, x, bias = build(case)
+    model = custom_ops.gptq_matmul_model(pack_custom(qw), dtype=x.dtype, bias=bias, accuracy_level=4,
+                                         input_shape=[f"d{i}" for i in range(x.ndim - 1)] + [case.K])
+    y = custom_ops.make_session(model).run(None, {"A": x})[0]
+    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (case.N,)
+    if y.size == 0:
+        return
+    x2, y2 = x.reshape(-1, case.K), y.reshape(-1, case.N).astype(np.float64)
+    ref = reference(qw, x2, bias)
+    bound = quantization_bound(qw, x2) + (2.0 ** -23) * (np.abs(bias.astype(np.float64)) if bias is not None else 0)
+    if y.dtype == np.float16:
+        bound = bound + 2.0 ** -11 * np.abs(ref) + 2.0 ** -24
+    err = np.abs(y2 - ref)
+    assert float((err / bound).max()) <= 1.0, f"error {float((err / bound).max()):.3g} x the int8 bound"
+
+
 # --------------------------------------------------------------------------- malformed nodes
 
 

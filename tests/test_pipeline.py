@@ -94,7 +94,8 @@ def test_report_records_every_setting(tiny_llama_onnx: Path, calib_ids: Path, tm
                        report=tmp_path / "r.json", jobs=1, device="cpu")
     written = json.loads((tmp_path / "r.json").read_text())
     assert QuantConfig.from_dict(written["config"]) == config
-    assert written["calib"] == CALIB.to_dict()
+    # The text split is resolved before calibration, so the report says which one ran and why.
+    assert written["calib"] == CALIB.to_dict() | {"split": "windows", "split_reason": "model kind causal-lm (from graph)"}
     assert written["selection"] == config.layers.to_dict()
     assert written["run"] == {"jobs": 1, "device": "cpu"}
 

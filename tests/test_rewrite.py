@@ -163,3 +163,39 @@ def test_gemm_bias_and_transb_fold_into_packed_op(tmp_path):
     xs = rng.standard_normal((3, k)).astype(np.float32)
     want = np.maximum(xs @ qw.dequantize().T + 2.0 * c, 0)
     np.testing.assert_allclose(run(model, {"x": xs}), want, rtol=1e-5, atol=1e-5)
+
+
+def _four_bit(k: int = 64, n: int = 32, group: int = 32) -> QuantizedWeight:
+    w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
+    return numpy_rtn(w, 4, group, sym=False)
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_auto_format_follows_the_measured_speed_table(monkeypatch, level):
+    qw = _four_bit()
+    fmt, why = rewrite.choose_format(Format.AUTO, qw, ir.DataType.FLOAT, "w", accuracy_level=level)
+    assert fmt is Format.ORT
+    assert f"MatMulNBits is faster at accuracy_level {level}" in why
+    key = (4, level == 4, True, False)
+    monkeypatch.setitem(rewrite.SPEED_TABLE, key, (Format.CUSTOM, "GptqMatMul 1.5x at m=1"))
+    fmt, why = rewrite.choose_format(Format.AUTO, qw, ir.DataType.FLOAT, "w", accuracy_level=level)
+    assert (fmt, why) == (Format.CUSTOM, f"GptqMatMul is faster at accuracy_level {level} (GptqMatMul 1.5x at m=1)")
+    # An explicit format is never second-guessed.
+    assert rewrite.choose_format(Format.ORT, qw, ir.DataType.FLOAT, "w", accuracy_level=level) == (Format.ORT, "")
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_custom_nodes_carry_accuracy_level(tiny_lm_onnx, level):
+    _, path = tiny_lm_onnx
+    model = ir.load(path)
+    config = QuantConfig(bits=4, group_size=32, format=Format.CUSTOM)
+    groups, _ = targets.find_targets(model, config)
+    for group in groups:
+        qw = numpy_rtn(group.load().T, 4, 32, False)
+        rewrite.rewrite_group(model, group, qw, Format.CUSTOM, accuracy_level=level)
+    nodes = [n for n in model.graph if n.op_type == rewrite.CUSTOM_OP_TYPE]
+    assert nodes
+    for node in nodes:
+        attr = node.attributes.get("accuracy_level")
+        assert (attr.as_int() if attr is not None else 0) == level
+        assert (attr is None) == (level == 0)  # level 0 writes nothing: older libraries load the model

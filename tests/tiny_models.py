@@ -70,3 +70,70 @@ def export(model: torch.nn.Module, path: Path, *, dynamo: bool) -> Path:
                               input_names=["input_ids", "attention_mask"], output_names=["logits"],
                               dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": axes})
     return path
+
+
+# ---------------------------------------------------------------------------
+# A sentence encoder: BertModel (input_ids, attention_mask, token_type_ids -> last_hidden_state)
+
+ENCODER_WORDS = ("the a of to and in is was it for on with as at by from this that be are or an not "
+                 "cat dog bird fish tree river house city road car book song music light water fire "
+                 "runs sleeps sings reads falls grows flows burns opens closes quickly slowly").split()
+
+
+class LastHidden(torch.nn.Module):
+    """A BertModel giving only last_hidden_state, as sentence-encoder exports do."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
+
+
+def wordpiece_tokenizer(path: Path) -> Path:
+    """A WordPiece tokenizer.json over ENCODER_WORDS with BERT's [PAD]/[UNK]/[CLS]/[SEP]/[MASK]
+    and its [CLS] ... [SEP] post-processor, saved at `path`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: i for i, token in enumerate(specials + list(ENCODER_WORDS))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.decoder = decoders.WordPiece()
+    tok.save(str(path))
+    return path
+
+
+def build_bert(seed: int = 0) -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=5 + len(ENCODER_WORDS), hidden_size=HIDDEN, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=96, max_position_embeddings=64,
+                        type_vocab_size=2, attn_implementation="eager")
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def export_bert(model: torch.nn.Module, path: Path) -> Path:
+    """Export a BertModel with TorchScript (dynamic batch and sequence axes), with its config.json
+    beside it, as a transformers model folder converted to ONNX has."""
+    ids = torch.randint(5, 5 + len(ENCODER_WORDS), (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    axes = {0: "batch", 1: "sequence"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LastHidden(model), (ids, mask, torch.zeros_like(ids)), str(path), dynamo=False,
+                          opset_version=17, input_names=["input_ids", "attention_mask", "token_type_ids"],
+                          output_names=["last_hidden_state"],
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes,
+                                        "last_hidden_state": axes})
+    model.config.to_json_file(str(path.parent / "config.json"))
+    return path

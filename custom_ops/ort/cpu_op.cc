@@ -109,6 +109,7 @@ OrtStatusPtr Compute(void* kernel, OrtKernelContext* ctx) {
     p.bits = int(k.attrs.bits);
     p.block_size = k.attrs.block_size;
     p.n_groups = shapes.n_groups;
+    p.accuracy_level = int(k.attrs.accuracy_level);
     p.dtype = k.act_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? cpu::DType::kFloat16 : cpu::DType::kFloat32;
     p.A = data[kInputA];
     p.B = static_cast<const uint8_t*>(data[kInputB]);

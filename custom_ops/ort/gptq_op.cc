@@ -172,7 +172,15 @@ OrtStatus* ReadGptqAttrs(const OrtApi* api, const OrtKernelInfo* info, const Gpt
       return api->CreateStatus(ORT_INVALID_ARGUMENT, msg.c_str());
     }
   }
+  // Optional: absent means 0, as in MatMulNBits.
+  if (!Ok(api, api->KernelInfoGetAttribute_int64(info, "accuracy_level", &out->accuracy_level))) {
+    out->accuracy_level = 0;
+  }
   std::string err;
+  if (out->accuracy_level < 0 || out->accuracy_level > 4) {
+    err = "attribute accuracy_level=" + std::to_string(out->accuracy_level) +
+          " must be 0..4 (0/1: fp32, 2/3: fp32 on CPU, 4: int8 activations)";
+  }
   if (out->K < 1) err = "attribute K=" + std::to_string(out->K) + " must be >= 1";
   if (out->N < 1) err = "attribute N=" + std::to_string(out->N) + " must be >= 1";
   if (out->bits != 2 && out->bits != 3 && out->bits != 4 && out->bits != 8) {

@@ -72,6 +72,9 @@ bool ShapeInferenceSafe(const char* version);
 // The node attributes, checked.
 struct GptqAttrs {
   int64_t K = 0, N = 0, bits = 0, block_size = 0;
+  // Optional, MatMulNBits' meaning, 0..4: 4 = int8 activations on CPU; the
+  // CUDA op ignores it (fp16 math). Default 0.
+  int64_t accuracy_level = 0;
   int64_t n_blocks = 0, blob_size = 0;  // derived
 };
 
@@ -87,7 +90,7 @@ struct GptqNodeInfo {
 // Reads the node's name and input names (best effort; empty when unknown).
 GptqNodeInfo ReadNodeInfo(const OrtApi* api, const OrtKernelInfo* info);
 
-// Reads and checks K, N, bits and block_size. Returns nullptr or an error status.
+// Reads and checks K, N, bits, block_size and accuracy_level. Returns nullptr or an error status.
 OrtStatus* ReadGptqAttrs(const OrtApi* api, const OrtKernelInfo* info, const GptqNodeInfo& node, GptqAttrs* out);
 
 // Type and shape of one input at run time.

@@ -90,3 +90,4 @@ ONNX_GPTQ_EXPORT int onnx_gptq_has_cuda_kernels(void) {
 
 // The instruction set the CPU kernel uses now: "avx512", "avx2" or "scalar".
 ONNX_GPTQ_EXPORT const char* onnx_gptq_cpu_isa(void) { return onnx_gptq::cpu::SelectedIsa(); }
+ONNX_GPTQ_EXPORT const char* onnx_gptq_cpu_int8_isa(void) { return onnx_gptq::cpu::SelectedInt8Isa(); }

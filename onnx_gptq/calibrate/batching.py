@@ -4,16 +4,21 @@ Accepted sources (see :func:`make_batches`):
 
 * text: a text file (any extension but ``.npy``/``.jsonl``), a ``.jsonl`` file of
   ``{"text": ...}`` lines, a ``datasets.Dataset`` with a text column, or an
-  iterable of strings. Everything is joined with ``"\\n\\n"``, tokenized once
-  (no special tokens), and ``num_samples`` windows of ``seq_len`` tokens are
-  drawn at seeded random offsets, as the reference GPTQ does with wikitext.
+  iterable of strings; cut into ``windows`` of one token stream or into
+  ``samples`` (one per string / paragraph, with special tokens) by
+  `calibrate.text_split`, the split chosen by model kind
+  (`calibrate.model_kind`) unless ``CalibConfig.split`` names one.
 * token ids: a ``.npy`` integer array, a ``.jsonl`` file of ``{"input_ids": [...]}``
   lines, or an ``np.ndarray``. A 2-D array / the jsonl lines are *rows*: the
-  first ``num_samples`` non-empty rows are used, each cut to ``seq_len``. Rows
-  shorter than ``seq_len`` are kept at their own length and batched only with
-  rows of the same length: padding would put pad tokens' activations into the
-  Hessian. (With a static sequence dimension in the model, shorter rows are
-  dropped with a warning.) A 1-D array is a token stream, cut into windows like text.
+  first ``num_samples`` non-empty rows are used, each cut to ``seq_len``.
+  A 1-D array is a token stream, cut into windows like text.
+
+Rows of unequal length (samples, id rows) are padded at the end to the longest
+of their batch (to a static sequence dim) with ``attention_mask = 0``, where
+the model takes an ``attention_mask``; calibration then keeps padded positions
+out of the Hessians (`calibrate.taps`). A model without a mask input batches
+only rows of equal length (padding would change what its real tokens see),
+and with a static sequence dim drops shorter rows with a warning.
 * feeds: an iterable of dicts (input name -> array), used as given, one dict
   per onnxruntime run; missing inputs that can be derived (attention mask,
   position ids, empty past key/values...) are filled in.
@@ -28,32 +33,25 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnx_gptq.calibrate import text_split
 from onnx_gptq.calibrate.model_inputs import ModelInputs
+from onnx_gptq.calibrate.model_kind import choose_split
 from onnx_gptq.calibrate.sources import Feeds, Rows, Stream, Text, read_source, tokenizer_of
+from onnx_gptq.calibrate.text_split import TEXT_SEPARATOR
 from onnx_gptq.config import CalibConfig
 from onnx_gptq.errors import CalibrationError
 
 logger = logging.getLogger(__name__)
 
-TEXT_SEPARATOR = "\n\n"
-
-
-def _windows(ids: np.ndarray, origin: str, config: CalibConfig, seq_len: int) -> list[np.ndarray]:
-    """`num_samples` windows of `seq_len` tokens at seeded random offsets."""
-    if ids.size == 0:
-        raise CalibrationError(f"{origin} is empty")
-    if ids.size < seq_len:
-        raise CalibrationError(f"{origin} is too short: {ids.size} tokens, fewer than one sequence of "
-                               f"{seq_len} (add text or lower seq_len)")
-    rng = np.random.default_rng(config.seed)
-    starts = rng.integers(0, ids.size - seq_len + 1, size=config.num_samples)
-    return [ids[s:s + seq_len] for s in starts]
+#: Where padded batches say which positions are real (1) and which are padding (0).
+MASK_INPUT = "attention_mask"
 
 
 def _cut_rows(rows: list[np.ndarray], origin: str, config: CalibConfig, seq_len: int,
@@ -90,21 +88,44 @@ def _check_vocab(ids: np.ndarray, vocab: int | None, origin: str) -> None:
                                f"[0, {vocab}) (wrong tokenizer?)")
 
 
-def _batched(samples: list[np.ndarray], inputs: ModelInputs, batch_size: int,
-             origin: str) -> list[dict[str, np.ndarray]]:
-    """Equal-length samples stacked `batch_size` at a time, in order of first appearance."""
-    by_length: dict[int, list[np.ndarray]] = {}
-    for sample in samples:
-        by_length.setdefault(int(sample.size), []).append(sample)
+def _mask_spec(inputs: ModelInputs) -> Any:
+    """The model's [batch, seq] attention-mask input, or None when it takes none."""
+    return next((spec for spec in inputs.others if spec.name == MASK_INPUT and len(spec.dims) == 2), None)
+
+
+def _batched(samples: list[np.ndarray], inputs: ModelInputs, batch_size: int, origin: str,
+             pad_id: int) -> list[dict[str, np.ndarray]]:
+    """Samples stacked `batch_size` at a time: padded with mask 0 where the model takes a
+    mask, else only equal-length ones together (in order of first appearance)."""
+    mask_spec = _mask_spec(inputs)
+    if mask_spec is None:
+        by_length: dict[int, list[np.ndarray]] = {}
+        for sample in samples:
+            by_length.setdefault(int(sample.size), []).append(sample)
+        groups = list(by_length.values())
+    else:
+        groups = [samples]
     batches = []
-    dropped = 0
-    for group in by_length.values():
+    dropped = padded = 0
+    for group in groups:
         for start in range(0, len(group), batch_size):
             chunk = group[start:start + batch_size]
             if inputs.static_batch is not None and len(chunk) < inputs.static_batch:
                 dropped += len(chunk)
                 continue
-            batches.append(inputs.feeds(np.stack(chunk)))
+            if mask_spec is None:
+                batches.append(inputs.feeds(np.stack(chunk)))
+                continue
+            width = inputs.static_seq_len or max(row.size for row in chunk)
+            ids = np.full((len(chunk), width), pad_id, np.int64)
+            mask = np.zeros((len(chunk), width), mask_spec.dtype)
+            for r, row in enumerate(chunk):
+                ids[r, :row.size] = row
+                mask[r, :row.size] = 1
+            padded += int(ids.size - sum(row.size for row in chunk))
+            batches.append(inputs.feeds(ids, {MASK_INPUT: mask}))
+    if padded:
+        logger.info("%s: %d padding positions (attention_mask 0, kept out of the Hessians)", origin, padded)
     if dropped:
         logger.warning("%s: dropped %d sequences that do not fill the model's fixed batch of %d",
                        origin, dropped, inputs.static_batch)
@@ -114,7 +135,8 @@ def _batched(samples: list[np.ndarray], inputs: ModelInputs, batch_size: int,
 
 
 def make_batches(source: Any, model: ir.Model | onnx.ModelProto, config: CalibConfig, *,
-                 tokenizer: str | os.PathLike[str] | Any | None = None) -> list[dict[str, np.ndarray]]:
+                 tokenizer: str | os.PathLike[str] | Any | None = None,
+                 model_dir: str | os.PathLike[str] | None = None) -> list[dict[str, np.ndarray]]:
     """Turn calibration data into onnxruntime feed dicts for `model`.
 
     Args:
@@ -127,14 +149,18 @@ def make_batches(source: Any, model: ir.Model | onnx.ModelProto, config: CalibCo
             are read; external data need not be loaded).
         config: samples, sequence length (set to a static sequence dim of
             input_ids, and clipped to the rows of a learned position table),
-            batch size (set to a static batch dim), seed.
+            batch size (set to a static batch dim), seed, and the text split
+            (None: chosen by model kind, see `model_kind.choose_split`).
         tokenizer: for text sources: a tokenizer.json, a transformers tokenizer
             directory or .gguf (read by ``onnx_gptq.tokenizer.load_tokenizer``),
-            or an object with ``encode(text) -> list[int]``.
+            a loaded ``tokenizers``/transformers tokenizer, or any object with
+            ``encode(text) -> list[int]``.
+        model_dir: the model's folder; its config.json tells the model kind.
 
     Returns:
         One dict (input name -> array) per run; token-id batches are int
-        [batch, seq] with every other input filled in.
+        [batch, seq] with every other input filled in (``attention_mask`` 0 at
+        padded positions).
 
     Raises:
         CalibrationError: missing, unreadable, malformed, empty or too-short
@@ -160,21 +186,25 @@ def make_batches(source: Any, model: ir.Model | onnx.ModelProto, config: CalibCo
         seq_len = inputs.max_positions
     batch_size = config.batch_size if inputs.static_batch is None else inputs.static_batch
 
+    pad_id, tok = 0, None
     if isinstance(data, Text):
         tok = tokenizer_of(tokenizer, data.origin)
-        text = TEXT_SEPARATOR.join(data.texts)
-        if not text.strip():
-            raise CalibrationError(f"{data.origin} is empty")
-        data = Stream(np.asarray(tok.encode(text), dtype=np.int64), data.origin)
-        logger.info("%s: %d tokens", data.origin, data.ids.size)
+        split, why = choose_split(config.split, model, None if model_dir is None else Path(model_dir))
+        logger.info("%s: text split '%s' (%s)", data.origin, split.value, why)
+        stream, rows = text_split.tokenize(data, tok, split, config, seq_len)
+        data = Stream(stream, data.origin) if stream is not None else Rows(rows, data.origin)
+        pad_id = getattr(tok, "pad_token_id", None) or 0
     if isinstance(data, Stream):
         _check_vocab(data.ids, inputs.vocab_size, data.origin)
-        samples = _windows(data.ids, data.origin, config, seq_len)
+        bos = getattr(tok, "bos_token_id", None)  # text only: an id stream is taken as it is
+        samples = text_split.windows(data.ids, data.origin, config, seq_len, bos=bos)
     else:
-        samples = _cut_rows(data.rows, data.origin, config, seq_len, exact=inputs.static_seq_len is not None)
+        # With a mask, short rows are padded to a static sequence dim; without, they cannot be fed.
+        exact = inputs.static_seq_len is not None and _mask_spec(inputs) is None
+        samples = _cut_rows(data.rows, data.origin, config, seq_len, exact=exact)
         for sample in samples:
             _check_vocab(sample, inputs.vocab_size, data.origin)
-    return _batched(samples, inputs, batch_size, data.origin)
+    return _batched(samples, inputs, batch_size, data.origin, pad_id)
 
 
 def _feeds_as_given(data: Feeds, model: ir.Model | onnx.ModelProto) -> list[dict[str, np.ndarray]]:
@@ -205,7 +235,18 @@ def _feeds_as_given(data: Feeds, model: ir.Model | onnx.ModelProto) -> list[dict
     return out
 
 
-__all__ = ["InputSpec", "ModelInputs", "make_batches", "TEXT_SEPARATOR"]
+__all__ = ["MASK_INPUT", "ModelInputs", "TEXT_SEPARATOR", "make_batches", "token_mask"]
 
 
-__all__ = ["ModelInputs", "TEXT_SEPARATOR", "make_batches"]
+def token_mask(feeds: dict[str, np.ndarray]) -> np.ndarray | None:
+    """[batch, seq] 0/1 mask of the real tokens of a padded batch, None when nothing is padded.
+
+    A batch is padded when its ``attention_mask`` has the shape of its
+    ``input_ids`` and holds a zero (a mask over past + new tokens is not a
+    mask of the tokens calibrated).
+    """
+    mask, ids = feeds.get(MASK_INPUT), feeds.get("input_ids")
+    if mask is None or ids is None or np.shape(mask) != np.shape(ids) or np.ndim(mask) != 2:
+        return None
+    mask = np.asarray(mask)
+    return None if mask.all() else (mask != 0)

@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 
 from onnx_gptq.calibrate import statistics, taps as taps_mod
+from onnx_gptq.calibrate.batching import token_mask
+from onnx_gptq.calibrate.masked_taps import TOKEN_MASK
 from onnx_gptq.calibrate.statistics import HessianStats
 from onnx_gptq.calibrate.taps import Tap
 from onnx_gptq.errors import CalibrationError
@@ -32,12 +34,17 @@ if TYPE_CHECKING:  # sessions are opened by runtime.sessions only
 
 logger = logging.getLogger(__name__)
 
+# What a batch without padding feeds as its token mask: its size matches no
+# activation's rows, so every tap takes all its rows (as an unmasked graph does).
+_EMPTY_MASK = np.zeros((0, 0), bool)
+
 
 def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
                      batches: Iterable[dict[str, np.ndarray]], *, model_dir: str | os.PathLike[str] | None = None,
                      providers: Sequence[Provider] = ("CPUExecutionProvider",),
                      session_options: ort.SessionOptions | None = None, progress: bool = False,
-                     memory_budget: int | None = None) -> dict[str, HessianStats]:
+                     memory_budget: int | None = None,
+                     token_masks: Sequence[np.ndarray | None] | None = None) -> dict[str, HessianStats]:
     """Run the calibration batches through onnxruntime and sum X^T X of each activation.
 
     The caller's `model` is not modified. For each activation ``x`` (any
@@ -66,6 +73,11 @@ def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
             more, they are split into several passes over the data (each pass
             one session, pruned to the graph its activations need). None: a
             quarter of the machine's RAM (`statistics.default_memory_budget`).
+        token_masks: per batch, bool [B, S] True at real tokens, or None for a
+            batch without padding. None: read off each batch's attention_mask
+            (`batching.token_mask`). When any batch is padded, the padded
+            positions are kept out of every activation whose rows map to
+            tokens (`calibrate.masked_taps`), and rows counts only real tokens.
 
     Returns:
         activation name -> HessianStats (float64 sums), for every requested name.
@@ -82,22 +94,26 @@ def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
     if not names:
         return {}
     taps = taps_mod.plan_taps(model, names)
+    if not isinstance(batches, Sequence):
+        batches = list(batches)  # read at least twice: for padding, then per pass
+    masks = list(token_masks) if token_masks is not None else [token_mask(b) for b in batches]
+    if len(masks) != len(batches):
+        raise ValueError(f"token_masks: {len(masks)} masks for {len(batches)} batches")
+    masked = any(m is not None for m in masks)
     budget = memory_budget if memory_budget is not None else statistics.default_memory_budget()
     passes = statistics.plan_passes(sorted(taps, key=lambda t: t.order), lambda t: {t.name: t.k}, budget)
     if len(passes) > 1:
         logger.info("calibration: %d activations need %.2f GB of statistics, over the %.2f GB budget; "
                     "running %d passes over the data", len(taps),
                     sum(statistics.hessian_bytes(t.k) for t in taps) / 1e9, budget / 1e9, len(passes))
-        if not isinstance(batches, (list, tuple)):
-            batches = list(batches)
     folder = taps_mod.external_folder(model, model_dir)
 
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
     for index, group in enumerate(passes):
-        session = _open(model, group, folder, providers, session_options)
+        session = _open(model, group, folder, providers, session_options, masked)
         try:
-            _run_pass(session, group, batches, sums, rows, progress=progress,
+            _run_pass(session, group, batches, masks if masked else None, sums, rows, progress=progress,
                       label=f"calibration pass {index + 1}/{len(passes)}" if len(passes) > 1 else "calibration")
         finally:
             del session
@@ -111,9 +127,10 @@ def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
 
 
 def _open(model: onnx.ModelProto, group: list[Tap], folder: Path | None,
-          providers: tuple[Provider, ...], session_options: ort.SessionOptions | None) -> sessions.Session:
+          providers: tuple[Provider, ...], session_options: ort.SessionOptions | None,
+          masked: bool) -> sessions.Session:
     """A session over the augmented copy for `group`, its big embedded tensors handed over in memory."""
-    aug, in_memory = taps_mod.augmented(model, group)
+    aug, in_memory = taps_mod.augmented(model, group, masked=masked)
     buffers = {location: taps_mod.tensor_buffer(tensor) for location, tensor in in_memory.items()}
     return sessions.make_session(aug, providers=providers, options=session_options,
                                  what="the augmented calibration model", external_folder=folder,
@@ -121,11 +138,20 @@ def _open(model: onnx.ModelProto, group: list[Tap], folder: Path | None,
                                  require_providers=True)
 
 
-def _run_pass(session: sessions.Session, taps: list[Tap], batches: Iterable[dict[str, np.ndarray]],
-              sums: dict[str, np.ndarray], rows: dict[str, int], *, progress: bool, label: str) -> None:
-    """Run every batch once, adding each tap's float32 X^T X into its float64 sum (in place)."""
-    inputs = set(session.input_names)
+def _run_pass(session: sessions.Session, taps: list[Tap], batches: Sequence[dict[str, np.ndarray]],
+              masks: list[np.ndarray | None] | None, sums: dict[str, np.ndarray], rows: dict[str, int], *,
+              progress: bool, label: str) -> None:
+    """Run every batch once, adding each tap's float32 X^T X into its float64 sum (in place).
+
+    With `masks` (a masked session), each batch is fed its token mask (an
+    empty one when it has no padding), and activations whose rows did not map
+    to tokens in a padded batch are named in the log.
+    """
+    inputs = set(session.input_names) - {TOKEN_MASK}
     output_names = [n for t in taps for n in (t.xtx_output, t.size_output)]
+    if masks is not None:
+        output_names += [t.mapped_output for t in taps]
+    unmapped: dict[str, None] = {}
     for tap in taps:
         sums.setdefault(tap.name, np.zeros((tap.k, tap.k), np.float64))
         rows.setdefault(tap.name, 0)
@@ -144,14 +170,23 @@ def _run_pass(session: sessions.Session, taps: list[Tap], batches: Iterable[dict
         missing = sorted(inputs - set(feeds))
         if missing:
             raise CalibrationError(f"calibration batch {index}: model input '{missing[0]}' is not fed")
+        mask = None if masks is None else masks[index]
+        if masks is not None:
+            feeds = {**feeds, TOKEN_MASK: _EMPTY_MASK if mask is None else np.asarray(mask, bool)}
         results = session.run(output_names, feeds, context=f"calibration batch {index}")
         for j, tap in enumerate(taps):
             xtx, size = results[2 * j], int(results[2 * j + 1])
             sums[tap.name] += xtx
             rows[tap.name] += size // tap.k
+            if mask is not None and not bool(results[2 * len(taps) + j]):
+                unmapped[tap.name] = None
         seen += 1
     if seen == 0:
         raise CalibrationError("calibration data is empty: no batch was given")
+    for name in unmapped:
+        logger.info("calibration: the rows of activation '%s' do not map to (batch, sequence) positions "
+                    "(e.g. one row per sample, as a pooler reads); all its rows of padded batches are kept",
+                    name)
     logger.debug("%s: %d batches", label, seen)
 
 

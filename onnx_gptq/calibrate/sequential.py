@@ -40,6 +40,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_gptq.calibrate.activation_cache import ActivationCache
+from onnx_gptq.calibrate.batching import token_mask
 from onnx_gptq.calibrate.partition import (DEFAULT_MAX_CROSSING, Partition, Stage, StageView, plan_stages,
                                            stage_view)
 from onnx_gptq.calibrate.run import collect_hessians
@@ -198,9 +199,12 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
             from tqdm.auto import tqdm
 
             stages = tqdm(stages, desc="sequential stages", unit="stage")
+        # A stage's own inputs rarely include the mask: take the padding from the model's batches.
+        masks = [token_mask(feeds) for feeds in batches]
         for stage in stages:
             _run_stage(model, partition, stage, cache, solve_stage=solve_stage, model_dir=model_dir,
-                       providers=providers, progress=progress, clock=clock, float_forward=float_forward)
+                       providers=providers, progress=progress, clock=clock, float_forward=float_forward,
+                       masks=masks)
         logger.info("sequential calibration: %d stages; activation cache peak %.1f MB in memory, %.1f MB spilled",
                     len(partition.stages), cache.peak_memory_bytes / 1e6, cache.spilled_bytes / 1e6)
     finally:
@@ -209,7 +213,7 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
 
 def _run_stage(model: ir.Model, partition: Partition, stage: Stage, cache: ActivationCache, *,
                solve_stage: SolveStage, model_dir: Path | None, providers: Sequence[str], progress: bool,
-               clock: PhaseTimer, float_forward: bool) -> None:
+               clock: PhaseTimer, float_forward: bool, masks: list[np.ndarray | None]) -> None:
     graph = model.graph
     last = stage.index == len(partition.stages) - 1
     view = stage_view(graph, partition, stage.index)
@@ -228,7 +232,7 @@ def _run_stage(model: ir.Model, partition: Partition, stage: Stage, cache: Activ
         with clock("sequential:calibrate"):
             proto = _stage_proto(model, view, examples, outputs=[], model_dir=model_dir)
             stats = collect_hessians(proto, activations, feeds, model_dir=model_dir,
-                                               providers=providers, progress=progress)
+                                     providers=providers, progress=progress, token_masks=masks)
             del proto
         with clock("sequential:solve"):
             solve_stage(stage.groups, stats)

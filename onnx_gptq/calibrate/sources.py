@@ -54,8 +54,19 @@ def resolve_generated(source: Any, model_path: Path | None, config: CalibConfig)
 
 @dataclasses.dataclass
 class Text:
+    """Text to tokenize.
+
+    Attributes:
+        texts: the strings.
+        origin: what they came from, for messages.
+        whole_file: True when `texts` is one file's content, whose samples are
+            its paragraphs or lines; False when each string is one sample
+            (strings, a dataset column, jsonl lines).
+    """
+
     texts: list[str]
     origin: str
+    whole_file: bool = False
 
 
 @dataclasses.dataclass
@@ -120,7 +131,7 @@ def _read_path(path: Path) -> Text | Rows | Stream:
         raise CalibrationError(f"calibration file '{path}' is not UTF-8 text") from None
     except OSError as exc:
         raise CalibrationError(f"calibration file '{path}' cannot be read ({exc.strerror})") from None
-    return Text([text], f"calibration file '{path}'")
+    return Text([text], f"calibration file '{path}'", whole_file=True)
 
 
 def _read_jsonl(path: Path) -> Text | Rows:
@@ -206,10 +217,10 @@ def tokenizer_of(tokenizer: Any, origin: str) -> Any:
     if tokenizer is None:
         raise CalibrationError(f"{origin} is text and needs a tokenizer (--tokenizer: a tokenizer.json "
                                "or a transformers tokenizer directory)")
-    if not isinstance(tokenizer, (str, os.PathLike)) and hasattr(tokenizer, "encode"):
-        return tokenizer  # an already-loaded tokenizer (a str path has .encode too)
-    from onnx_gptq.tools.tokenizer import load_tokenizer
+    from onnx_gptq.tools.tokenizer import as_tokenizer, load_tokenizer
 
+    if not isinstance(tokenizer, (str, os.PathLike)) and hasattr(tokenizer, "encode"):
+        return as_tokenizer(tokenizer)  # an already-loaded tokenizer (a str path has .encode too)
     return load_tokenizer(tokenizer)
 
 

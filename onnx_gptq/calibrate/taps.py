@@ -22,9 +22,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_gptq.calibrate import masked_taps
 from onnx_gptq.errors import ModelError
+from onnx_gptq.graph import reads
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +49,9 @@ class Tap:
     name: str  # tensor in the user's graph
     k: int  # last dimension
     xtx_output: str  # float32 [K, K]
-    size_output: str  # int64 scalar: number of elements of the activation
+    size_output: str  # int64 scalar: number of elements of the activation (of its rows counted)
     order: int  # position of its producer in graph.node (-1: graph input or initializer)
+    mapped_output: str = ""  # bool scalar, masked graphs only: padding was dropped (`masked_taps`)
 
     @property
     def output_bytes(self) -> int:
@@ -83,7 +87,7 @@ def plan_taps(model: onnx.ModelProto, names: list[str]) -> list[Tap]:
         while f"{stem}/xtx" in used or f"{stem}/size" in used:
             stem += "_"
         taps.append(Tap(name=name, k=int(k), xtx_output=f"{stem}/xtx", size_output=f"{stem}/size",
-                         order=producers.get(name, -1)))
+                         order=producers.get(name, -1), mapped_output=f"{stem}/mapped"))
     return taps
 
 
@@ -207,46 +211,43 @@ def _without_initializers(model: onnx.ModelProto, *, nodes: bool = True) -> onnx
     return copy
 
 
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope names read by the subgraphs of `node` (If/Loop/Scan bodies)."""
-    reads: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else \
-            list(attr.graphs) if attr.type == onnx.AttributeProto.GRAPHS else []
-        for g in graphs:
-            local = {v.name for v in g.input} | {t.name for t in g.initializer}
-            for inner in g.node:
-                local.update(inner.output)
-            for inner in g.node:
-                reads.update(n for n in inner.input if n and n not in local)
-                reads.update(n for n in _subgraph_reads(inner) if n not in local)
-            reads.update(v.name for v in g.output if v.name not in local)
-    return reads
+def _needed_nodes(model: onnx.ModelProto, targets: set[str]) -> tuple[list[int], set[str]]:
+    """The nodes `targets` depend on, read through onnx_ir like every other graph walk.
 
-
-def _needed_nodes(graph: onnx.GraphProto, targets: set[str]) -> list[int]:
-    """Indices (in order) of the nodes that `targets` depend on."""
-    producer: dict[str, int] = {}
-    for i, node in enumerate(graph.node):
-        for out in node.output:
-            if out:
-                producer[out] = i
+    Returns:
+        (indices, read): the nodes' positions in `model.graph.node`, in order, and
+        every name they read (subgraphs' outer-scope reads included) plus `targets`.
+    """
+    graph = ir.serde.deserialize_graph(model.graph)  # tensors are wrapped, not copied
+    position = {id(node): i for i, node in enumerate(graph)}
+    produced = {v.name: v for node in graph for v in node.outputs if v.name}
     keep: set[int] = set()
-    stack = [producer[n] for n in targets if n in producer]
+    read: set[str] = set(targets)
+    stack = [produced[n].producer() for n in targets if n in produced]
     while stack:
-        i = stack.pop()
-        if i in keep:
+        node = stack.pop()
+        if node is None or id(node) in keep:
             continue
-        keep.add(i)
-        node = graph.node[i]
-        for name in list(node.input) + sorted(_subgraph_reads(node)):
-            if name and name in producer and producer[name] not in keep:
-                stack.append(producer[name])
-    return sorted(keep)
+        keep.add(id(node))
+        for value in reads(node):
+            if value.name:
+                read.add(value.name)
+            producer = value.producer()
+            if producer is not None and id(producer) in position and id(producer) not in keep:
+                stack.append(producer)
+    return sorted(position[k] for k in keep), read
 
 
-def augmented(model: onnx.ModelProto, taps: list[Tap]) -> tuple[onnx.ModelProto, dict[str, TensorProto]]:
+def augmented(model: onnx.ModelProto, taps: list[Tap], *,
+              masked: bool = False) -> tuple[onnx.ModelProto, dict[str, TensorProto]]:
     """The pruned, augmented copy, and the embedded tensors to hand over separately.
+
+    Args:
+        model: the model to observe.
+        taps: the activations, from `plan_taps`.
+        masked: add the `masked_taps.TOKEN_MASK` input and keep masked-out
+            (padded) rows out of every tap whose rows map to tokens; each tap
+            then also outputs `Tap.mapped_output`.
 
     Returns:
         (model, in_memory): `model` holds every needed initializer, embedded ones
@@ -256,12 +257,8 @@ def augmented(model: onnx.ModelProto, taps: list[Tap]) -> tuple[onnx.ModelProto,
     src = model.graph
     aug = _without_initializers(model, nodes=False)
     graph = aug.graph
-    keep = _needed_nodes(src, {t.name for t in taps})
+    keep, read = _needed_nodes(model, {t.name for t in taps})
     graph.node.extend(src.node[i] for i in keep)
-    read: set[str] = {t.name for t in taps}
-    for node in graph.node:
-        read.update(node.input)
-        read.update(_subgraph_reads(node))
     needed_inits = [t for t in src.initializer if t.name in read]
     inline_total = sum(_embedded_bytes(t) for t in needed_inits)
     in_memory: dict[str, TensorProto] = {}
@@ -293,6 +290,11 @@ def augmented(model: onnx.ModelProto, taps: list[Tap]) -> tuple[onnx.ModelProto,
     if not any(o.domain in ("", "ai.onnx") for o in aug.opset_import):
         aug.opset_import.append(helper.make_opsetid("", 17))
     del graph.output[:]
+    if masked:
+        nodes, consts, mask_input = masked_taps.mask_nodes()
+        graph.input.append(mask_input)
+        graph.initializer.extend(consts)
+        graph.node.extend(nodes)
     shapes: dict[int, str] = {}
     for tap in taps:
         if tap.k not in shapes:
@@ -302,14 +304,22 @@ def augmented(model: onnx.ModelProto, taps: list[Tap]) -> tuple[onnx.ModelProto,
         graph.node.extend([
             helper.make_node("Reshape", [tap.name, shapes[tap.k]], [f"{stem}/x2d"], name=f"{stem}/Reshape"),
             helper.make_node("Cast", [f"{stem}/x2d"], [f"{stem}/xf"], to=TensorProto.FLOAT, name=f"{stem}/Cast"),
-            helper.make_node("Transpose", [f"{stem}/xf"], [f"{stem}/xt"], perm=[1, 0], name=f"{stem}/Transpose"),
-            helper.make_node("MatMul", [f"{stem}/xt", f"{stem}/xf"], [tap.xtx_output], name=f"{stem}/MatMul"),
-            helper.make_node("Size", [f"{stem}/xf"], [tap.size_output], name=f"{stem}/Size"),
         ])
+        if masked:
+            graph.node.extend(masked_taps.masked_tap_nodes(tap.name, f"{stem}/xf", stem, tap.k, tap.xtx_output,
+                                                           tap.size_output, tap.mapped_output))
+        else:
+            graph.node.extend([
+                helper.make_node("Transpose", [f"{stem}/xf"], [f"{stem}/xt"], perm=[1, 0], name=f"{stem}/Transpose"),
+                helper.make_node("MatMul", [f"{stem}/xt", f"{stem}/xf"], [tap.xtx_output], name=f"{stem}/MatMul"),
+                helper.make_node("Size", [f"{stem}/xf"], [tap.size_output], name=f"{stem}/Size"),
+            ])
         graph.output.extend([
             helper.make_tensor_value_info(tap.xtx_output, TensorProto.FLOAT, [tap.k, tap.k]),
             helper.make_tensor_value_info(tap.size_output, TensorProto.INT64, []),
         ])
+        if masked:
+            graph.output.append(helper.make_tensor_value_info(tap.mapped_output, TensorProto.BOOL, []))
     return aug, in_memory
 
 

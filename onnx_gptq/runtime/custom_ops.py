@@ -102,6 +102,7 @@ def _load(path: str) -> ctypes.CDLL:
         raise CustomOpsLibraryError(f"cannot load the custom-op library {path}: {exc}") from exc
     lib.onnx_gptq_has_cuda_kernels.restype = ctypes.c_int
     lib.onnx_gptq_cpu_isa.restype = ctypes.c_char_p
+    lib.onnx_gptq_cpu_int8_isa.restype = ctypes.c_char_p
     if hasattr(lib, "onnx_gptq_status_name"):  # a library built before the shared codes lacks them
         lib.onnx_gptq_status_name.restype = ctypes.c_char_p
         lib.onnx_gptq_status_name.argtypes = [ctypes.c_int]
@@ -176,6 +177,15 @@ def register(options: ort.SessionOptions) -> ort.SessionOptions:
     return options
 
 
+def cpu_int8_isa() -> str:
+    """Instruction set of the CPU kernel's int8 path (``accuracy_level=4``) now.
+
+    ``"avx512vnni"``, ``"avxvnni"``, ``"avx2"`` or ``"scalar"``: the best one the
+    CPU has, capped by ``ONNX_GPTQ_CPU_ISA`` (``avx2`` or ``scalar``) as :func:`cpu_isa` is.
+    """
+    return _load(str(library_path())).onnx_gptq_cpu_int8_isa().decode()
+
+
 def session_options(sess_options: ort.SessionOptions | None = None, *,
                     intra_op_num_threads: int | None = None) -> ort.SessionOptions:
     """Session options with the custom-op library registered.
@@ -226,7 +236,7 @@ _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): Te
 
 def gptq_matmul_model(tensors: CustomOpTensors, dtype: np.dtype | type = np.float32,
                       bias: np.ndarray | None = None, input_shape: Sequence[int | str] | None = None,
-                      opset: int = 17) -> onnx.ModelProto:
+                      opset: int = 17, accuracy_level: int = 0) -> onnx.ModelProto:
     """A model with one ``GptqMatMul`` node: input ``A`` -> output ``Y``, weights as initializers.
 
     Args:
@@ -235,6 +245,7 @@ def gptq_matmul_model(tensors: CustomOpTensors, dtype: np.dtype | type = np.floa
         bias: optional [N] bias.
         input_shape: shape of A (ints or symbolic names); default ``["M", K]``.
         opset: default-domain opset of the model.
+        accuracy_level: the node's ``accuracy_level`` (4: int8 activations on CPU); 0 writes none.
     Returns:
         The model (onnx.checker-valid).
     """
@@ -257,6 +268,8 @@ def gptq_matmul_model(tensors: CustomOpTensors, dtype: np.dtype | type = np.floa
         names.pop()
     node = helper.make_node(OP_TYPE, names, ["Y"], domain=DOMAIN, name="gptq_matmul",
                             K=tensors.K, N=tensors.N, bits=tensors.bits, block_size=tensors.block_size)
+    if accuracy_level:
+        node.attribute.append(helper.make_attribute("accuracy_level", accuracy_level))
     out_shape = shape[:-1] + [tensors.N]
     graph = helper.make_graph([node], "gptq_matmul",
                               [helper.make_tensor_value_info("A", elem, shape)],

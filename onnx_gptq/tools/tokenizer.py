@@ -7,12 +7,17 @@ Three kinds of spec are accepted, all local (no hub access):
   / sentencepiece files), read with ``AutoTokenizer(local_files_only=True)``;
 * a ``.gguf`` model file, whose embedded tokenizer transformers extracts.
 
-Text is encoded *without* special tokens: callers cut long token streams into
-windows themselves and decide whether a window starts with BOS.
+`encode` gives ids *without* special tokens (callers cut long token streams
+into windows and start each with `bos_token_id`); `encode_sample` gives one
+sample as the model sees it in use: with the tokenizer's own special tokens
+(BERT's [CLS] ... [SEP], Llama's <s> ...), truncated so that they survive.
+Which special tokens a tokenizer adds is read off how it encodes a probe text,
+so one rule covers tokenizers.json post-processors and transformers tokenizers.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -35,7 +40,7 @@ class Tokenizer(Protocol):
 
     @property
     def bos_token_id(self) -> int | None:
-        """Beginning-of-sequence id, or None when the tokenizer has none."""
+        """The token the tokenizer itself puts first in a sequence, or None when it puts none."""
         ...
 
     def encode(self, text: str) -> list[int]:
@@ -47,71 +52,123 @@ class Tokenizer(Protocol):
         ...
 
 
-class _FastTokenizer:
-    """A ``tokenizers.Tokenizer`` read from a tokenizer.json file."""
+#: Text whose encodings with and without special tokens tell which ones a tokenizer adds.
+_PROBE = "a"
+_PAD_NAMES = ("[PAD]", "<pad>", "<|pad|>", "<|finetune_right_pad_id|>")
 
-    def __init__(self, tok: Any, source: Path) -> None:
+
+class _Wrapped:
+    """Special-token handling shared by the two wrappers (subclasses give `_encode` and `vocab_size`)."""
+
+    def __init__(self, tok: Any, source: Path | str) -> None:
         self._tok = tok
         self.source = source
-        self._bos = _find_bos(tok.get_vocab(with_added_tokens=True))
+
+    def _encode(self, text: str, special: bool) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=True))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.source}, vocab_size={self.vocab_size})"
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode(text, False)
+
+    @functools.cached_property
+    def special_tokens(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(prefix, suffix): the ids the tokenizer adds before and after a text's own ids."""
+        plain, full = self._encode(_PROBE, False), self._encode(_PROBE, True)
+        for start in range(len(full) - len(plain) + 1):
+            if plain and full[start:start + len(plain)] == plain:
+                return tuple(full[:start]), tuple(full[start + len(plain):])
+        return (), ()  # the specials change the text's own ids: treat as adding none
+
+    @property
+    def bos_token_id(self) -> int | None:
+        prefix = self.special_tokens[0]
+        return prefix[0] if prefix else None
+
+    def encode_sample(self, text: str, max_len: int) -> list[int]:
+        """Ids of one sample with the tokenizer's special tokens, at most `max_len` of them.
+
+        Long texts lose their end, not their special tokens (as transformers'
+        ``truncation=True`` does for one sequence).
+        """
+        prefix, suffix = self.special_tokens
+        room = max(max_len - len(prefix) - len(suffix), 0)
+        return ([*prefix, *self.encode(text)[:room], *suffix])[:max_len]
+
+
+class _FastTokenizer(_Wrapped):
+    """A ``tokenizers.Tokenizer`` read from a tokenizer.json file."""
+
+    def __init__(self, tok: Any, source: Path | str) -> None:
+        padding = tok.padding
+        self._pad = None if padding is None else int(padding["pad_id"])
+        if padding is not None or tok.truncation is not None:
+            # A tokenizer.json may pad or truncate every encoding (sentence-transformers'
+            # pad to 128): calibration cuts and pads itself, so use a copy that does neither.
+            tok = type(tok).from_str(tok.to_str())
+            tok.no_padding()
+            tok.no_truncation()
+        super().__init__(tok, source)
 
     @property
     def vocab_size(self) -> int:
         return int(self._tok.get_vocab_size(with_added_tokens=True))
 
     @property
-    def bos_token_id(self) -> int | None:
-        return self._bos
+    def pad_token_id(self) -> int | None:
+        """The id batches are padded with (None: the tokenizer names none)."""
+        if self._pad is not None:
+            return self._pad
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        return next((int(vocab[name]) for name in _PAD_NAMES if name in vocab), None)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self._tok.decode(list(ids), skip_special_tokens=True))
-
-    def __repr__(self) -> str:
-        return f"Tokenizer({self.source}, vocab_size={self.vocab_size})"
+    def _encode(self, text: str, special: bool) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=special).ids)
 
 
-class _HFTokenizer:
+class _HFTokenizer(_Wrapped):
     """A transformers tokenizer (directory or GGUF)."""
-
-    def __init__(self, tok: Any, source: Path) -> None:
-        self._tok = tok
-        self.source = source
 
     @property
     def vocab_size(self) -> int:
         return int(len(self._tok))
 
     @property
-    def bos_token_id(self) -> int | None:
-        bos = getattr(self._tok, "bos_token_id", None)
-        return None if bos is None else int(bos)
+    def pad_token_id(self) -> int | None:
+        """The id batches are padded with (None: the tokenizer names none)."""
+        pad = getattr(self._tok, "pad_token_id", None)
+        return None if pad is None else int(pad)
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str, special: bool) -> list[int]:
         with warnings.catch_warnings():
             # "Token indices sequence length is longer than the specified maximum"
             # is irrelevant: the ids are cut into windows afterwards.
             warnings.simplefilter("ignore")
             verbosity = _quiet_transformers()
             try:
-                return list(self._tok.encode(text, add_special_tokens=False))
+                return list(self._tok.encode(text, add_special_tokens=special))
             finally:
                 _restore_transformers(verbosity)
 
-    def decode(self, ids: list[int]) -> str:
-        return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
-    def __repr__(self) -> str:
-        return f"Tokenizer({self.source}, vocab_size={self.vocab_size})"
+def as_tokenizer(tokenizer: Any) -> Any:
+    """A loaded tokenizer object in our wrapper where we know its kind.
 
-
-def _find_bos(vocab: dict[str, int]) -> int | None:
-    for name in ("<|begin_of_text|>", "<s>", "<|endoftext|>", "<|im_start|>", "<bos>"):
-        if name in vocab:
-            return int(vocab[name])
-    return None
+    A ``tokenizers.Tokenizer`` or a transformers tokenizer gets the wrapper
+    (so it encodes without special tokens, and `encode_sample` adds its own);
+    any other object with ``encode(text)`` is returned as it is.
+    """
+    module = type(tokenizer).__module__.split(".")[0]
+    if module == "tokenizers" and hasattr(tokenizer, "get_vocab_size"):
+        return _FastTokenizer(tokenizer, "a tokenizers.Tokenizer")
+    if module == "transformers" and hasattr(tokenizer, "add_special_tokens"):
+        return _HFTokenizer(tokenizer, type(tokenizer).__name__)
+    return tokenizer
 
 
 def _quiet_transformers() -> int | None:
@@ -206,4 +263,4 @@ def _load_gguf(path: Path) -> Tokenizer:
     return _HFTokenizer(tok, path)
 
 
-__all__ = ["Tokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "as_tokenizer", "load_tokenizer"]

@@ -177,6 +177,34 @@ Isa CurrentIsa() {
   return isa;
 }
 
+// Instruction sets of the int8 path (accuracy_level 4), best first.
+enum class Int8Isa { kScalar, kAvx2, kAvxVnni, kAvx512Vnni };
+
+Int8Isa BestInt8Isa() {
+#if defined(ONNX_GPTQ_HAVE_X86_ISA)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512f")) {
+    return Int8Isa::kAvx512Vnni;
+  }
+  if (avx2 && __builtin_cpu_supports("avxvnni")) return Int8Isa::kAvxVnni;
+  if (avx2) return Int8Isa::kAvx2;
+#endif
+  return Int8Isa::kScalar;
+}
+
+// ONNX_GPTQ_CPU_ISA=avx2 / =scalar cap the int8 path as they cap the fp32 one.
+Int8Isa CurrentInt8Isa() {
+  static const Int8Isa best = BestInt8Isa();
+  Int8Isa isa = best;
+  if (const char* env = std::getenv("ONNX_GPTQ_CPU_ISA")) {
+    if (std::strcmp(env, "scalar") == 0) isa = Int8Isa::kScalar;
+    if (std::strcmp(env, "avx2") == 0 && best != Int8Isa::kScalar) isa = Int8Isa::kAvx2;
+  }
+  return isa;
+}
+
 bool MulFits(int64_t a, int64_t b, int64_t* out) { return !__builtin_mul_overflow(a, b, out) && *out >= 0; }
 
 }  // namespace
@@ -198,10 +226,21 @@ const char* SelectedIsa() {
   return "scalar";
 }
 
+const char* SelectedInt8Isa() {
+  switch (CurrentInt8Isa()) {
+    case Int8Isa::kAvx512Vnni: return "avx512vnni";
+    case Int8Isa::kAvxVnni: return "avxvnni";
+    case Int8Isa::kAvx2: return "avx2";
+    case Int8Isa::kScalar: break;
+  }
+  return "scalar";
+}
+
 Status GptqMatMul(const GptqMatMulParams& p, const ParallelRunner* runner) {
   // The glue has checked all of this against the tensors; re-check what the
   // kernel's memory accesses rely on.
   if (p.bits != 2 && p.bits != 3 && p.bits != 4 && p.bits != 8) return Status::kInvalidArgument;
+  if (p.accuracy_level < 0 || p.accuracy_level > 4) return Status::kInvalidArgument;
   if (p.M < 0 || p.K < 1 || p.N < 1 || p.block_size < 1 || p.n_groups < 1) return Status::kInvalidArgument;
   if (p.K > INT32_MAX / 2 || p.block_size > INT32_MAX / 2) return Status::kInvalidArgument;
   const int64_t n_blocks = (p.K + p.block_size - 1) / p.block_size;
@@ -214,6 +253,17 @@ Status GptqMatMul(const GptqMatMulParams& p, const ParallelRunner* runner) {
   if (p.M == 0) return Status::kOk;  // empty output: nothing to read or write
   if (!p.A || !p.B || !p.scales || !p.Y) return Status::kInvalidArgument;
   const ParallelRunner& r = runner ? *runner : DefaultRunner();
+  if (p.accuracy_level == 4) {
+#if defined(ONNX_GPTQ_HAVE_X86_ISA)
+    switch (CurrentInt8Isa()) {
+      case Int8Isa::kAvx512Vnni: return detail::RunInt8Avx512Vnni(p, r);
+      case Int8Isa::kAvxVnni: return detail::RunInt8AvxVnni(p, r);
+      case Int8Isa::kAvx2: return detail::RunInt8Avx2(p, r);
+      case Int8Isa::kScalar: break;
+    }
+#endif
+    return detail::RunInt8Scalar(p, r);
+  }
 #if defined(ONNX_GPTQ_HAVE_X86_ISA)
   switch (CurrentIsa()) {
     case Isa::kAvx512: return detail::RunAvx512(p, r);

@@ -52,6 +52,10 @@ struct GptqMatMulParams {
   int64_t block_size = 0;  // input columns per packed block
   int64_t n_groups = 0;    // columns of scales / zero_points
   DType dtype = DType::kFloat32;  // type of A, scales, bias and Y
+  // MatMulNBits' meaning: 4 quantizes A to int8 per block of K and runs int8
+  // dot products (int8_impl.h); 0..3 compute in fp32 (the CPU has no fp16 or
+  // bf16 path, as MatMulNBits on CPU).
+  int accuracy_level = 0;
 
   const void* A = nullptr;               // T     [M, K]
   const uint8_t* B = nullptr;            // uint8 [N, ceil(K/block_size), ceil(block_size*bits/8)]
@@ -70,6 +74,10 @@ Status GptqMatMul(const GptqMatMulParams& params, const ParallelRunner* runner);
 // ONNX_GPTQ_CPU_ISA names a lower one (read on every call, so tests can
 // exercise every path in one process).
 const char* SelectedIsa();
+
+// The instruction set accuracy_level 4 will use: "avx512vnni", "avxvnni",
+// "avx2" or "scalar"; ONNX_GPTQ_CPU_ISA=avx2 or =scalar caps it as above.
+const char* SelectedInt8Isa();
 
 }  // namespace cpu
 }  // namespace onnx_gptq

@@ -23,12 +23,19 @@ void AlignedFree(void* p);
 // same thread asks for the same slot again; nullptr when out of memory.
 // Slots let one task hold several buffers at once.
 enum ScratchSlot : int { kScratchRow = 0, kScratchDequant = 1, kScratchGroups = 2, kNumScratchSlots = 3 };
+// The int8 path's scratch slots (unpacked codes of a column tile).
+constexpr ScratchSlot kScratchCodes = kScratchDequant;
 void* ThreadScratch(ScratchSlot slot, size_t bytes);
 
 // Entry points of the per-ISA translation units. `params` has been checked.
 Status RunScalar(const GptqMatMulParams& params, const ParallelRunner& runner);
 Status RunAvx2(const GptqMatMulParams& params, const ParallelRunner& runner);
 Status RunAvx512(const GptqMatMulParams& params, const ParallelRunner& runner);
+// accuracy_level 4 (int8_impl.h), one per instruction set.
+Status RunInt8Scalar(const GptqMatMulParams& params, const ParallelRunner& runner);
+Status RunInt8Avx2(const GptqMatMulParams& params, const ParallelRunner& runner);
+Status RunInt8AvxVnni(const GptqMatMulParams& params, const ParallelRunner& runner);
+Status RunInt8Avx512Vnni(const GptqMatMulParams& params, const ParallelRunner& runner);
 
 }  // namespace detail
 }  // namespace cpu

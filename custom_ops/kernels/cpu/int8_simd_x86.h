@@ -1,0 +1,221 @@
+// Int8 traits for int8_impl.h on x86, 32 byte lanes per vector. One header for
+// three builds, told apart by the unit's compile flags:
+//   -mavx512vnni -mavx512vl  vpdpbusd on ymm registers (AVX512-VNNI)
+//   -mavxvnni                vpdpbusd, VEX encoding (AVX-VNNI)
+//   neither (-mavx2)         vpmaddubsw + vpmaddwd (AVX2)
+// Include after defining GPTQ_ISA_NS and including simd_avx2.h.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace onnx_gptq {
+namespace cpu {
+namespace GPTQ_ISA_NS {
+
+struct X86I8 {
+  static constexpr bool kSimd = true;
+  static constexpr int W = 32;  // byte lanes
+  using I = __m256i;
+  using FV = Avx2V;
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+  static constexpr bool kVnni = true;
+#else
+  static constexpr bool kVnni = false;
+#endif
+
+  // Vectors per chunk, codes per chunk, bytes of B per chunk.
+  template <int BITS>
+  static constexpr int Vectors() {
+    return BITS == 3 ? 2 : 8 / BITS;
+  }
+  template <int BITS>
+  static constexpr int64_t Codes() {
+    return int64_t(Vectors<BITS>()) * W;
+  }
+  template <int BITS>
+  static constexpr int64_t ChunkBytes() {
+    return BITS == 3 ? 24 : 32;
+  }
+  // Without VNNI, 8-bit codes enter the dot product as c - 128 (signed), so
+  // that vpmaddubsw's pairwise int16 sums cannot saturate.
+  template <int BITS>
+  static constexpr int CodeOffset() {
+    return (BITS == 8 && !kVnni) ? 128 : 0;
+  }
+
+  // Where code q of a chunk lands: vector s, lane L -> position s * 32 + L.
+  // 2/4/8 bits: lane L of vector s holds code L * S + s (nibbles, 2-bit
+  // fields of byte L). 3 bits: lane L = 4j + i of vector s holds code
+  // 8j + 4s + i (3-byte group j holds codes 8j..8j+7).
+  template <int BITS>
+  static int64_t LanePosition(int64_t q) {
+    if constexpr (BITS == 3) {
+      const int64_t g = q / 8, r = q % 8;
+      return (r / 4) * W + g * 4 + r % 4;
+    } else {
+      constexpr int S = Vectors<BITS>();
+      return (q % S) * W + q / S;
+    }
+  }
+
+  static I IZero() { return _mm256_setzero_si256(); }
+  static I LoadI(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static void StoreI(void* p, I v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
+  static __m256 ToFloat(I v) { return _mm256_cvtepi32_ps(v); }
+  static __m256 MulF(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+
+  template <int BITS>
+  static void Unpack(const uint8_t* src, I* out) {
+    if constexpr (BITS == 3) {
+      // 24 bytes (16 + 8), each 3-byte group to its own dword (as Avx2V).
+      __m256i v = _mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))),
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 16)), 1);
+      v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0));
+      const __m256i shuf = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,  //
+                                            0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+      v = _mm256_shuffle_epi8(v, shuf);
+      // Codes i = 0..3 of a dword sit at bits 3i; move each to byte i.
+      for (int s = 0; s < 2; ++s) {
+        const __m256i t = _mm256_srli_epi32(v, 12 * s);
+        __m256i x = _mm256_and_si256(t, _mm256_set1_epi32(0x7));
+        x = _mm256_or_si256(x, _mm256_and_si256(_mm256_slli_epi32(t, 5), _mm256_set1_epi32(0x700)));
+        x = _mm256_or_si256(x, _mm256_and_si256(_mm256_slli_epi32(t, 10), _mm256_set1_epi32(0x70000)));
+        x = _mm256_or_si256(x, _mm256_and_si256(_mm256_slli_epi32(t, 15), _mm256_set1_epi32(0x7000000)));
+        out[s] = x;
+      }
+    } else {
+      const __m256i v = LoadI(src);
+      if constexpr (BITS == 8) {
+        out[0] = CodeOffset<8>() ? _mm256_xor_si256(v, _mm256_set1_epi8(char(0x80))) : v;
+      } else {
+        constexpr int S = Vectors<BITS>();
+        const __m256i mask = _mm256_set1_epi8(char((1 << BITS) - 1));
+        for (int s = 0; s < S; ++s) out[s] = _mm256_and_si256(_mm256_srli_epi16(v, BITS * s), mask);
+      }
+    }
+  }
+
+  // The dot product of one chunk, in two steps: DotNarrow adds the chunk's
+  // codes x activations to a narrow accumulator (AVX2, 2/3/4 bits: int16
+  // pairs; otherwise int32 lanes of four bytes), which may take up to
+  // NarrowChunks() chunks before Widen must add it to the int32 lanes.
+  template <int BITS>
+  static constexpr int64_t NarrowChunks() {
+    // AVX2: one chunk adds at most S x 2 x max code x 127 to an int16 lane.
+    return (kVnni || BITS == 8) ? (int64_t(1) << 40)
+                                : 32767 / (int64_t(Vectors<BITS>()) * 2 * ((1 << BITS) - 1) * 127);
+  }
+  template <int BITS>
+  static I DotNarrow(I acc, const I* cv, const I* av) {
+    constexpr int S = Vectors<BITS>();
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    for (int s = 0; s < S; ++s) acc = _mm256_dpbusd_epi32(acc, cv[s], av[s]);
+    return acc;
+#elif defined(__AVXVNNI__)
+    for (int s = 0; s < S; ++s) acc = _mm256_dpbusd_avx_epi32(acc, cv[s], av[s]);
+    return acc;
+#else
+    if constexpr (BITS == 8) {
+      // |c - 128| <= 128 fits unsigned bytes and |q| <= 127: pairs stay below 2^15.
+      const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(cv[0]), _mm256_sign_epi8(av[0], cv[0]));
+      return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    } else {
+      for (int s = 0; s < S; ++s) acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(cv[s], av[s]));
+      return acc;
+    }
+#endif
+  }
+  template <int BITS>
+  static I Widen(I acc, I narrow) {
+    if constexpr (kVnni || BITS == 8) {
+      return _mm256_add_epi32(acc, narrow);
+    } else {
+      return _mm256_add_epi32(acc, _mm256_madd_epi16(narrow, _mm256_set1_epi16(1)));
+    }
+  }
+
+  // 8 lane scales from p[0 .. bpc): lane d gets p[d * bpc / 8]. Reads 8 floats.
+  static __m256 LaneScales(const float* p, int bpc) {
+    if (bpc == 1) return _mm256_broadcast_ss(p);
+    const __m256i idx2 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    const __m256i idx4 = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    const __m256i idx8 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), bpc == 2 ? idx2 : (bpc == 4 ? idx4 : idx8));
+  }
+
+  static float DotF(const float* a, const float* b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = Avx2V::Hsum(acc);
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+  }
+
+  // Exact sum of codes[i] * act[i].
+  static int32_t DotBytes(const uint8_t* codes, const int8_t* act, int64_t n) {
+    __m256i acc = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+      const __m256i a = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(act + i)));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(c, a));
+    }
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    int32_t total = _mm_cvtsi128_si32(s);
+    for (; i < n; ++i) total += int32_t(codes[i]) * int32_t(act[i]);
+    return total;
+  }
+
+  // q = round(a * 127 / max|a|) (to nearest even, as the scalar build), their
+  // sum, and the scale max|a| / 127 (0 for an all-zero block).
+  static float QuantizeBlock(const float* a, int64_t n, int8_t* q, int32_t* qsum) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vmax = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(a + i), abs_mask));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    float amax = _mm_cvtss_f32(m4);
+    for (; i < n; ++i) amax = __builtin_fabsf(a[i]) > amax ? __builtin_fabsf(a[i]) : amax;
+    if (!(amax > 0.0f)) {
+      for (int64_t k = 0; k < n; ++k) q[k] = 0;
+      *qsum = 0;
+      return 0.0f;
+    }
+    const float inv = 127.0f / amax;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    __m256i vsum = _mm256_setzero_si256();
+    i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256i x = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(a + i), vinv));
+      vsum = _mm256_add_epi32(vsum, x);
+      const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(p16, p16));
+    }
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(vsum), _mm256_extracti128_si256(vsum, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    int32_t total = _mm_cvtsi128_si32(s);
+    for (; i < n; ++i) {
+      const int32_t x = int32_t(__builtin_nearbyintf(a[i] * inv));
+      q[i] = int8_t(x);
+      total += x;
+    }
+    *qsum = total;
+    return amax / 127.0f;
+  }
+
+  static void HalfToFloat(const uint16_t* src, float* dst, int64_t n) { Avx2V::HalfToFloat(src, dst, n); }
+  static void FloatToHalf(const float* src, uint16_t* dst, int64_t n) { Avx2V::FloatToHalf(src, dst, n); }
+};
+
+}  // namespace GPTQ_ISA_NS
+}  // namespace cpu
+}  // namespace onnx_gptq
