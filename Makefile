@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 FORCE:
 
-.PHONY: demo test test-slow test-cuda install sanitize bench-llm bench-vs-ort clean
+.PHONY: demo test test-slow test-cuda test-oldest-ort install sanitize bench-llm bench-vs-ort clean
 
 # The editable install maps each module to its file: when modules are added,
 # moved or removed, it must be made again (the list is rewritten only when it changes).
@@ -46,6 +46,28 @@ test-slow: $(STAMP)
 test-cuda: $(STAMP)
 	$(PY) -m pytest -q -m cuda
 
+# The custom-op tests against the oldest onnxruntime pyproject.toml accepts
+# (its "onnxruntime>=X" bound), run on the library `make install` built into
+# onnx_gptq/_lib/. They get a small venv of their own under build/, so the
+# project venv keeps its onnxruntime: onnxruntime 1.18 wheels do not import
+# under NumPy 2, so that venv holds NumPy 1.x and only what the custom-op tests
+# import (no torch: --noconftest skips the tiny-model fixtures they do not use).
+ORT_OLDEST := $(shell sed -n 's/^ *"onnxruntime>=\([0-9.]*\)",*$$/\1/p' pyproject.toml)
+OLDEST_VENV := build/venv-onnxruntime-$(ORT_OLDEST)
+CUSTOM_OP_TESTS := tests/test_custom_ops.py tests/test_ort_abi.py tests/test_fuzz_gptq_matmul.py tests/test_contract.py
+
+$(OLDEST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q "onnxruntime==$(ORT_OLDEST)" "numpy<2" onnx onnx-ir ml_dtypes \
+		tqdm psutil pytest
+	touch $@
+
+test-oldest-ort: $(STAMP) $(OLDEST_VENV)/.installed
+	@test -n "$(ORT_OLDEST)" || { echo "no onnxruntime>=X bound found in pyproject.toml" >&2; exit 2; }
+	$(OLDEST_VENV)/bin/python -c 'import onnxruntime as o; v = o.__version__; \
+		assert v.startswith("$(ORT_OLDEST)."), v; print("custom-op tests against onnxruntime", v)'
+	PYTHONPATH=$(CURDIR) $(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider --noconftest $(CUSTOM_OP_TESTS)
+
 # The CPU custom-op library built with AddressSanitizer + UBSan into build-asan/,
 # then the custom-op and fuzz tests run against it, child processes included
 # (python itself is not instrumented, so libasan is preloaded; leak checking is
@@ -59,7 +81,7 @@ sanitize: $(STAMP)
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_string_checks=1 \
 	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-		$(PY) -m pytest -q -p no:cacheprovider tests/test_custom_ops.py tests/test_fuzz_gptq_matmul.py
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_custom_ops.py tests/test_fuzz_gptq_matmul.py tests/test_ort_abi.py
 
 clean:
 	rm -rf $(VENV) build onnx_gptq/_lib .pytest_cache

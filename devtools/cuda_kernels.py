@@ -24,11 +24,6 @@ from onnx_gptq.pack import CustomOpTensors, blob_size_of, n_blocks_of
 
 logger = logging.getLogger(__name__)
 
-# Status codes of gptq_cuda.h.
-STATUS_OK = 0
-STATUS_G_IDX = 7
-STATUS_LAUNCH = 8
-
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -95,16 +90,23 @@ def _library() -> ctypes.CDLL:
     lib.onnx_gptq_cuda_check_g_idx.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p,
     ]
-    lib.onnx_gptq_cuda_error_string.restype = ctypes.c_char_p
-    lib.onnx_gptq_cuda_error_string.argtypes = [ctypes.c_int]
     lib.onnx_gptq_cuda_last_launch_error.restype = ctypes.c_char_p
     lib.onnx_gptq_cuda_last_launch_error.argtypes = []
     return lib
 
 
+def _status(name: str) -> int:
+    """The number of status code `name` ("OK", "ERR_G_IDX", ...), as the library defines it."""
+    from onnx_gptq.runtime import custom_ops
+
+    return custom_ops.status_codes()[name]
+
+
 def error_string(status: int) -> str:
-    """The library's description of a status code of gptq_cuda.h."""
-    return _library().onnx_gptq_cuda_error_string(status).decode()
+    """The library's description of a kernel status code (custom_ops/kernels/gptq_status.h)."""
+    from onnx_gptq.runtime import custom_ops
+
+    return custom_ops.status_string(status)
 
 
 def _stream_of(device: torch.device) -> ctypes.c_void_p:
@@ -128,7 +130,7 @@ def check_g_idx(g_idx: torch.Tensor, n_groups: int) -> None:
     with torch.cuda.device(g_idx.device):
         status = _library().onnx_gptq_cuda_check_g_idx(
             g_idx.data_ptr(), g_idx.numel(), n_groups, ctypes.byref(bad), _stream_of(g_idx.device))
-    if status == STATUS_G_IDX:
+    if status == _status("ERR_G_IDX"):
         value = int(g_idx[bad.value].item())
         raise CudaKernelInputError(
             f"g_idx[{bad.value}] = {value} is outside [0, {n_groups}) (n_groups = scales.shape[1])")
@@ -194,10 +196,10 @@ def _check_inputs(x: torch.Tensor, w: CudaGptqWeight, bias: torch.Tensor | None)
 
 
 def _raise_for_status(status: int, what: str, shapes: str) -> None:
-    if status == STATUS_OK:
+    if status == _status("OK"):
         return
     message = f"{what}: {error_string(status)} ({shapes})"
-    if status == STATUS_LAUNCH:
+    if status == _status("ERR_LAUNCH"):
         raise CudaKernelLaunchError(f"{message}: {_library().onnx_gptq_cuda_last_launch_error().decode()}")
     raise CudaKernelInputError(message)
 

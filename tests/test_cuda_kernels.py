@@ -188,7 +188,6 @@ def _cuda_library() -> ctypes.CDLL | None:
     if not custom_ops.has_cuda_kernels():
         return None
     lib = ctypes.CDLL(str(custom_ops.library_path()))
-    lib.onnx_gptq_cuda_error_string.restype = ctypes.c_char_p
     lib.onnx_gptq_cuda_matmul.restype = ctypes.c_int
     lib.onnx_gptq_cuda_matmul.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [
         ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p]
@@ -200,15 +199,13 @@ def test_library_exports_cuda_entry_points_consistently() -> None:
     from onnx_gptq.runtime import custom_ops
 
     lib = ctypes.CDLL(str(custom_ops.library_path()))
-    names = ("onnx_gptq_cuda_matmul", "onnx_gptq_cuda_check_g_idx", "onnx_gptq_cuda_error_string",
-             "onnx_gptq_cuda_last_launch_error")
+    names = ("onnx_gptq_cuda_matmul", "onnx_gptq_cuda_check_g_idx", "onnx_gptq_cuda_last_launch_error")
     exported = [hasattr(lib, name) for name in names]
     assert exported == [custom_ops.has_cuda_kernels()] * len(names)
     cuda = _cuda_library()
     if cuda is None:
         return  # a CPU-only build: nothing more to check
-    assert cuda.onnx_gptq_cuda_error_string(0) == b"success"
-    assert b"bits" in cuda.onnx_gptq_cuda_error_string(2)
+    status = custom_ops.status_codes()
     fake = ctypes.c_void_p(0x1000)  # never dereferenced: every call below fails validation first
 
     def call(m: int = 4, k: int = 64, n: int = 8, bits: int = 4, block: int = 32, n_groups: int = 2,
@@ -216,16 +213,16 @@ def test_library_exports_cuda_entry_points_consistently() -> None:
         return cuda.onnx_gptq_cuda_matmul(a, fake, fake, None, g_idx, None, fake, m, k, n, bits, block,
                                           n_groups, dtype, None)
 
-    assert call(bits=5) == 2
-    assert call(bits=1) == 2
-    assert call(block=0) == 3
-    assert call(k=0) == 4
-    assert call(m=-1) == 4
-    assert call(n_groups=3) == 5  # ceil(64 / 32) = 2 without g_idx
-    assert call(n_groups=65, g_idx=fake) == 5  # more groups than columns
-    assert call(dtype=3) == 6
-    assert call(a=None) == 1
-    assert call(m=0) == 0  # empty output: nothing launched
+    assert call(bits=5) == status["ERR_BITS"]
+    assert call(bits=1) == status["ERR_BITS"]
+    assert call(block=0) == status["ERR_BLOCK_SIZE"]
+    assert call(k=0) == status["ERR_SHAPE"]
+    assert call(m=-1) == status["ERR_SHAPE"]
+    assert call(n_groups=3) == status["ERR_N_GROUPS"]  # ceil(64 / 32) = 2 without g_idx
+    assert call(n_groups=65, g_idx=fake) == status["ERR_N_GROUPS"]  # more groups than columns
+    assert call(dtype=3) == status["ERR_DTYPE"]
+    assert call(a=None) == status["ERR_NULL_POINTER"]
+    assert call(m=0) == status["OK"]  # empty output: nothing launched
 
 
 # ------------------------------------------------------------------ through onnxruntime's CUDA EP

@@ -91,34 +91,16 @@ OrtStatusPtr Compute(void* kernel, OrtKernelContext* ctx) {
   const CpuKernel& k = *static_cast<const CpuKernel*>(kernel);
   const OrtApi* api = k.api;
   try {
-    TensorDesc in[kNumInputs];
-    const OrtValue* values[kNumInputs] = {};
-    for (size_t i = 0; i < kNumInputs; ++i) {
-      if (OrtStatus* st = DescribeInput(api, ctx, i, &in[i], &values[i])) return st;
-    }
-    GptqShapes shapes;
-    std::string err = CheckGptqInputs(k.attrs, in, k.node, &shapes);
-    if (!err.empty()) return Error(api, err);
-    if (shapes.act_type != k.act_type) {  // onnxruntime picks the kernel by A's type; keep the check anyway
-      return Error(api, k.node.Describe() + ": input 'A' has type " + TypeString(shapes.act_type) +
-                            ", this kernel takes " + TypeString(k.act_type));
-    }
-    void* data[kNumInputs] = {};
-    for (size_t i = 0; i < kNumInputs; ++i) {
-      if (!values[i]) continue;
-      if (OrtStatus* st = api->GetTensorMutableData(const_cast<OrtValue*>(values[i]), &data[i])) return st;
-    }
+    GptqCall call;
+    if (OrtStatus* st = PrepareGptqCall(api, ctx, k.attrs, k.node, k.act_type, &call)) return st;
+    const GptqShapes& shapes = call.shapes;
+    void* const* data = call.data;
+    void* y_data = call.y;
     const int32_t* g_idx = static_cast<const int32_t*>(data[kInputGIdx]);
-    if (g_idx) {
-      err = CheckGroupIndexValues(g_idx, k.attrs.K, shapes.n_groups, k.node);
+    if (g_idx) {  // host memory on the CPU provider: checked here, once per call
+      const std::string err = CheckGroupIndexValues(g_idx, k.attrs.K, shapes.n_groups, k.node);
       if (!err.empty()) return Error(api, err);
     }
-    OrtValue* y = nullptr;
-    if (OrtStatus* st = api->KernelContext_GetOutput(ctx, 0, shapes.y_dims.data(), shapes.y_dims.size(), &y)) {
-      return st;
-    }
-    void* y_data = nullptr;
-    if (OrtStatus* st = api->GetTensorMutableData(y, &y_data)) return st;
 
     cpu::GptqMatMulParams p;
     p.M = shapes.M;
@@ -142,11 +124,7 @@ OrtStatusPtr Compute(void* kernel, OrtKernelContext* ctx) {
     const cpu::ParallelRunner ort_runner{&runner_ctx, &OrtParallelRun, HardwareThreads()};
     const bool use_ort_pool = k.op_version >= ONNX_GPTQ_ORT_API_SHAPE_INFER;
     const cpu::Status status = cpu::GptqMatMul(p, use_ort_pool ? &ort_runner : nullptr);
-    if (status != cpu::Status::kOk) {
-      return api->CreateStatus(status == cpu::Status::kOutOfMemory ? ORT_FAIL : ORT_INVALID_ARGUMENT,
-                               (k.node.Describe() + ": CPU kernel failed: " + cpu::StatusString(status)).c_str());
-    }
-    return nullptr;
+    return KernelStatusError(api, static_cast<int>(status), k.node, "CPU kernel", "");
   } catch (const std::bad_alloc&) {
     return api->CreateStatus(ORT_FAIL, (k.node.Describe() + ": out of memory").c_str());
   }

@@ -338,15 +338,52 @@ std::string CheckGptqInputs(const GptqAttrs& attrs, const TensorDesc (&in)[kNumI
   return "";
 }
 
+std::string GroupIndexError(const GptqNodeInfo& node, int64_t column, const int32_t* value, int64_t n_groups) {
+  std::string s = node.Describe() + ": " + node.DescribeInput(kInputGIdx) + ": entry " + std::to_string(column);
+  if (value) s += " is " + std::to_string(*value) + ",";
+  return s + " expected a group in [0, " + std::to_string(n_groups) + ") (n_groups = scales.shape[1])";
+}
+
 std::string CheckGroupIndexValues(const int32_t* g_idx, int64_t K, int64_t n_groups, const GptqNodeInfo& node) {
   for (int64_t k = 0; k < K; ++k) {
-    if (g_idx[k] < 0 || g_idx[k] >= n_groups) {
-      return node.Describe() + ": " + node.DescribeInput(kInputGIdx) + ": entry " + std::to_string(k) + " is " +
-             std::to_string(g_idx[k]) + ", expected a group in [0, " + std::to_string(n_groups) +
-             ") (n_groups = scales.shape[1])";
-    }
+    if (g_idx[k] < 0 || g_idx[k] >= n_groups) return GroupIndexError(node, k, &g_idx[k], n_groups);
   }
   return "";
+}
+
+OrtStatus* PrepareGptqCall(const OrtApi* api, OrtKernelContext* ctx, const GptqAttrs& attrs, const GptqNodeInfo& node,
+                           ONNXTensorElementDataType act_type, GptqCall* call) {
+  const OrtValue* values[kNumInputs] = {};
+  for (size_t i = 0; i < kNumInputs; ++i) {
+    if (OrtStatus* st = DescribeInput(api, ctx, i, &call->inputs[i], &values[i])) return st;
+  }
+  const std::string err = CheckGptqInputs(attrs, call->inputs, node, &call->shapes);
+  if (!err.empty()) return api->CreateStatus(ORT_INVALID_ARGUMENT, err.c_str());
+  if (call->shapes.act_type != act_type) {  // onnxruntime picks the kernel by A's type; keep the check anyway
+    const std::string msg = node.Describe() + ": input 'A' has type " + TypeString(call->shapes.act_type) +
+                            ", this kernel takes " + TypeString(act_type);
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, msg.c_str());
+  }
+  for (size_t i = 0; i < kNumInputs; ++i) {
+    call->data[i] = nullptr;
+    if (!values[i]) continue;
+    if (OrtStatus* st = api->GetTensorMutableData(const_cast<OrtValue*>(values[i]), &call->data[i])) return st;
+  }
+  const std::vector<int64_t>& y_dims = call->shapes.y_dims;
+  OrtValue* y = nullptr;
+  if (OrtStatus* st = api->KernelContext_GetOutput(ctx, 0, y_dims.data(), y_dims.size(), &y)) return st;
+  return api->GetTensorMutableData(y, &call->y);
+}
+
+OrtStatus* KernelStatusError(const OrtApi* api, int status, const GptqNodeInfo& node, const char* kernel,
+                             const std::string& detail) {
+  if (status == ONNX_GPTQ_OK) return nullptr;
+  const OrtErrorCode code = status == ONNX_GPTQ_ERR_LAUNCH          ? ORT_EP_FAIL
+                            : status == ONNX_GPTQ_ERR_OUT_OF_MEMORY ? ORT_FAIL
+                                                                    : ORT_INVALID_ARGUMENT;
+  std::string msg = node.Describe() + ": " + kernel + " failed: " + onnx_gptq_status_string(status);
+  if (!detail.empty()) msg += " (" + detail + ")";
+  return api->CreateStatus(code, msg.c_str());
 }
 
 }  // namespace onnx_gptq

@@ -8,24 +8,26 @@
 // when the library is compiled with ONNX_GPTQ_WITH_CUDA (custom_ops/cuda.cmake
 // defines it), calls
 //
-//   OrtStatus* onnx_gptq_register_cuda_ops(const OrtApi* api, uint32_t api_version, OrtCustomOpDomain* domain);
+//   OrtStatus* onnx_gptq_register_cuda_ops(const OrtApi* api, uint32_t api_version, OrtCustomOpDomain* domain,
+//                                          int shape_inference);
 //
 // declared in cuda_gptq_matmul.h and implemented in the CUDA glue. It adds the
-// CUDAExecutionProvider op(s) with api->CustomOpDomain_Add and returns nullptr
+// CUDAExecutionProvider ops with api->CustomOpDomain_Add and returns nullptr
 // or a status. `api_version` is the OrtCustomOp::version the CPU ops use:
 // ONNX_GPTQ_ORT_API_SHAPE_INFER (17) when the runtime has shape inference,
 // else ONNX_GPTQ_ORT_API_MIN (16). onnxruntime builds one schema per op name
 // from the first op registered (the CPU float32 one: its signature, optional
-// inputs 3-5 and InferOutputShapeFn apply to every provider), so a CUDA op
-// must declare the same 6 inputs with the same characteristics, and a
-// declared output type (an UNDEFINED output type is only accepted when
-// exactly one input is UNDEFINED). Ops may reuse InitGptqOpDef below.
+// inputs 3-5 and InferOutputShapeFn apply to every provider), so every
+// provider's op is described by InitGptqOpDef below with the same arguments
+// but its type T and provider name, and checks its inputs with
+// PrepareGptqCall: describe -> check -> launch.
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "../kernels/gptq_status.h"
 #include "ort_abi.h"
 
 namespace onnx_gptq {
@@ -119,6 +121,33 @@ std::string CheckGptqInputs(const GptqAttrs& attrs, const TensorDesc (&inputs)[k
 
 // Checks that every g_idx entry lies in [0, n_groups). Returns "" or a message.
 std::string CheckGroupIndexValues(const int32_t* g_idx, int64_t K, int64_t n_groups, const GptqNodeInfo& node);
+
+// The message for g_idx entry `column` outside [0, n_groups); `value` may be
+// nullptr when only the column is known (the CUDA check runs on the device).
+std::string GroupIndexError(const GptqNodeInfo& node, int64_t column, const int32_t* value, int64_t n_groups);
+
+// One GptqMatMul call, described and checked, ready to launch: what every
+// provider's Compute does before it hands raw pointers to its kernel.
+struct GptqCall {
+  TensorDesc inputs[kNumInputs];
+  GptqShapes shapes;
+  void* data[kNumInputs] = {};  // nullptr for absent optional inputs; the provider's memory
+  void* y = nullptr;            // the output, allocated with shapes.y_dims
+};
+
+// Describes every input (DescribeInput), checks them (CheckGptqInputs) and
+// that A has the kernel's type `act_type`, then fetches the data pointers and
+// allocates Y. g_idx values are not read (where they live is the provider's
+// business). Returns nullptr or a status naming the node and the input.
+OrtStatus* PrepareGptqCall(const OrtApi* api, OrtKernelContext* ctx, const GptqAttrs& attrs, const GptqNodeInfo& node,
+                           ONNXTensorElementDataType act_type, GptqCall* call);
+
+// Turns a kernel's status code (../kernels/gptq_status.h) into an onnxruntime
+// error naming the node, the kernel (`kernel`, e.g. "CPU kernel") and `detail`
+// (may be empty): ORT_EP_FAIL for a CUDA runtime error, ORT_FAIL when out of
+// memory, else ORT_INVALID_ARGUMENT. Returns nullptr for ONNX_GPTQ_OK.
+OrtStatus* KernelStatusError(const OrtApi* api, int status, const GptqNodeInfo& node, const char* kernel,
+                             const std::string& detail);
 
 // "[2, 3, 64]" / "float16" for messages.
 std::string ShapeString(const std::vector<int64_t>& dims);

@@ -13,6 +13,10 @@
 // for: slots we never call are `OrtAbiUnusedSlot` placeholders, and the
 // static_asserts at the bottom pin the index of every named slot, so a
 // miscounted gap fails the build instead of calling the wrong function.
+// Those asserts only check the comments' arithmetic; that the slots hold what
+// their names say is checked against the installed onnxruntime by abi_probe.cc
+// (tests/test_ort_abi.py), which calls every named slot and judges the result.
+// A slot is named here only if the library or that probe calls it.
 //
 // Versions: the library asks for ONNX_GPTQ_ORT_API_MIN (onnxruntime 1.16) and
 // uses the shape-inference hooks only when the runtime also answers
@@ -202,15 +206,16 @@ struct OrtApi {
   /*  90 */ ORT_ABI_FN(KernelContext_GetInput, const OrtKernelContext* context, size_t index, const OrtValue** out);
   /*  91 */ ORT_ABI_FN(KernelContext_GetOutput, OrtKernelContext* context, size_t index, const int64_t* dim_values,
                       size_t dim_count, OrtValue** out);
-  /*  92 */ void (*ReleaseEnv)(OrtEnv* input)ORT_ABI_NOEXCEPT;
+  /*  92: ReleaseEnv */
+  OrtAbiUnusedSlot unused_92[1];
   /*  93 */ void (*ReleaseStatus)(OrtStatus* input)ORT_ABI_NOEXCEPT;
   /*  94 */ void (*ReleaseMemoryInfo)(OrtMemoryInfo* input)ORT_ABI_NOEXCEPT;
-  /*  95 */ void (*ReleaseSession)(OrtSession* input)ORT_ABI_NOEXCEPT;
-  /*  96 */ void (*ReleaseValue)(OrtValue* input)ORT_ABI_NOEXCEPT;
-  /*  97 */ void (*ReleaseRunOptions)(OrtRunOptions* input)ORT_ABI_NOEXCEPT;
+  /*  95..97: ReleaseSession, ReleaseValue, ReleaseRunOptions */
+  OrtAbiUnusedSlot unused_95_97[3];
   /*  98 */ void (*ReleaseTypeInfo)(OrtTypeInfo* input)ORT_ABI_NOEXCEPT;
   /*  99 */ void (*ReleaseTensorTypeAndShapeInfo)(OrtTensorTypeAndShapeInfo* input)ORT_ABI_NOEXCEPT;
-  /* 100 */ void (*ReleaseSessionOptions)(OrtSessionOptions* input)ORT_ABI_NOEXCEPT;
+  /* 100: ReleaseSessionOptions */
+  OrtAbiUnusedSlot unused_100[1];
   /* 101 */ void (*ReleaseCustomOpDomain)(OrtCustomOpDomain* input)ORT_ABI_NOEXCEPT;
   /* 102..192: GetDenotationFromTypeInfo .. HasValue */
   OrtAbiUnusedSlot unused_102_192[91];
@@ -233,16 +238,8 @@ struct OrtApi {
   /* 247 */ ORT_ABI_FN(Logger_LogMessage, const OrtLogger* logger, OrtLoggingLevel log_severity_level,
                       const char* message, const char* file_path, int line_number, const char* func_name);
   /* 248 */ ORT_ABI_FN(Logger_GetLoggingSeverityLevel, const OrtLogger* logger, OrtLoggingLevel* out);
-  /* 249..252: KernelInfoGetConstantInput_tensor .. GetResizedStringTensorElementBuffer */
-  OrtAbiUnusedSlot unused_249_252[4];
-  /* 253 */ ORT_ABI_FN(KernelContext_GetAllocator, const OrtKernelContext* context, const OrtMemoryInfo* mem_info,
-                      OrtAllocator** out);
-  /* 254..264: GetBuildInfoString .. GetCUDAProviderOptionsByName */
-  OrtAbiUnusedSlot unused_254_264[11];
-  /* 265 */ ORT_ABI_FN(KernelContext_GetResource, const OrtKernelContext* context, int resource_version,
-                      int resource_id, void** resource);
-  /* 266: SetUserLoggingFunction */
-  OrtAbiUnusedSlot unused_266[1];
+  /* 249..266: KernelInfoGetConstantInput_tensor .. SetUserLoggingFunction */
+  OrtAbiUnusedSlot unused_249_266[18];
   // ---- API >= 17 from here on.
   /* 267 */ ORT_ABI_FN(ShapeInferContext_GetInputCount, const OrtShapeInferContext* context, size_t* out);
   /* 268 */ ORT_ABI_FN(ShapeInferContext_GetInputTypeShape, const OrtShapeInferContext* context, size_t index,
@@ -258,12 +255,6 @@ struct OrtApi {
   OrtAbiUnusedSlot unused_273[1];
   /* 274 */ ORT_ABI_FN(KernelContext_ParallelFor, const OrtKernelContext* context, void (*fn)(void*, size_t),
                       size_t total, size_t num_batch, void* usr_data);
-  /* 275..276: SessionOptionsAppendExecutionProvider_OpenVINO_V2, .._VitisAI */
-  OrtAbiUnusedSlot unused_275_276[2];
-  // ---- API >= 18 from here on.
-  /* 277 */ ORT_ABI_FN(KernelContext_GetScratchBuffer, const OrtKernelContext* context, const OrtMemoryInfo* mem_info,
-                      size_t count_or_bytes, void** out);
-  /* 278 */ ORT_ABI_FN(KernelInfoGetAllocator, const OrtKernelInfo* info, OrtMemType mem_type, OrtAllocator** out);
   // Later slots exist in newer runtimes; this library never reads them.
 };
 
@@ -311,44 +302,65 @@ typedef OrtStatus* (*RegisterCustomOpsFn)(OrtSessionOptions* options, const OrtA
 #ifdef __cplusplus
 }  // extern "C"
 
-// Pin every named slot to its index in onnxruntime's table.
+// Pin every named slot to the index its comment gives (tests/test_ort_abi.py reads the comments).
 #define ORT_ABI_SLOT(NAME, INDEX) \
   static_assert(offsetof(OrtApi, NAME) == (INDEX) * sizeof(void*), "OrtApi slot " #NAME " is not at index " #INDEX)
 ORT_ABI_SLOT(CreateStatus, 0);
+ORT_ABI_SLOT(GetErrorCode, 1);
 ORT_ABI_SLOT(GetErrorMessage, 2);
 ORT_ABI_SLOT(CreateCustomOpDomain, 26);
 ORT_ABI_SLOT(CustomOpDomain_Add, 27);
 ORT_ABI_SLOT(AddCustomOpDomain, 28);
 ORT_ABI_SLOT(GetTensorMutableData, 51);
 ORT_ABI_SLOT(CreateTensorTypeAndShapeInfo, 57);
+ORT_ABI_SLOT(SetTensorElementType, 58);
+ORT_ABI_SLOT(SetDimensions, 59);
+ORT_ABI_SLOT(GetTensorElementType, 60);
+ORT_ABI_SLOT(GetDimensionsCount, 61);
+ORT_ABI_SLOT(GetDimensions, 62);
+ORT_ABI_SLOT(GetSymbolicDimensions, 63);
+ORT_ABI_SLOT(GetTensorShapeElementCount, 64);
 ORT_ABI_SLOT(GetTensorTypeAndShape, 65);
 ORT_ABI_SLOT(CreateMemoryInfo, 68);
 ORT_ABI_SLOT(CreateCpuMemoryInfo, 69);
 ORT_ABI_SLOT(AllocatorAlloc, 75);
+ORT_ABI_SLOT(AllocatorFree, 76);
+ORT_ABI_SLOT(AllocatorGetInfo, 77);
 ORT_ABI_SLOT(GetAllocatorWithDefaultOptions, 78);
 ORT_ABI_SLOT(KernelInfoGetAttribute_float, 85);
 ORT_ABI_SLOT(KernelInfoGetAttribute_int64, 86);
+ORT_ABI_SLOT(KernelInfoGetAttribute_string, 87);
+ORT_ABI_SLOT(KernelContext_GetInputCount, 88);
+ORT_ABI_SLOT(KernelContext_GetOutputCount, 89);
 ORT_ABI_SLOT(KernelContext_GetInput, 90);
 ORT_ABI_SLOT(KernelContext_GetOutput, 91);
-ORT_ABI_SLOT(ReleaseEnv, 92);
 ORT_ABI_SLOT(ReleaseStatus, 93);
+ORT_ABI_SLOT(ReleaseMemoryInfo, 94);
+ORT_ABI_SLOT(ReleaseTypeInfo, 98);
 ORT_ABI_SLOT(ReleaseTensorTypeAndShapeInfo, 99);
 ORT_ABI_SLOT(ReleaseCustomOpDomain, 101);
 ORT_ABI_SLOT(KernelContext_GetGPUComputeStream, 193);
 ORT_ABI_SLOT(GetTensorMemoryInfo, 194);
 ORT_ABI_SLOT(KernelInfo_GetInputCount, 230);
+ORT_ABI_SLOT(KernelInfo_GetOutputCount, 231);
+ORT_ABI_SLOT(KernelInfo_GetInputName, 232);
+ORT_ABI_SLOT(KernelInfo_GetOutputName, 233);
+ORT_ABI_SLOT(KernelInfo_GetInputTypeInfo, 234);
 ORT_ABI_SLOT(KernelInfo_GetOutputTypeInfo, 235);
 ORT_ABI_SLOT(KernelInfo_GetNodeName, 244);
+ORT_ABI_SLOT(KernelInfo_GetLogger, 245);
+ORT_ABI_SLOT(KernelContext_GetLogger, 246);
+ORT_ABI_SLOT(Logger_LogMessage, 247);
 ORT_ABI_SLOT(Logger_GetLoggingSeverityLevel, 248);
-ORT_ABI_SLOT(KernelContext_GetAllocator, 253);
-ORT_ABI_SLOT(KernelContext_GetResource, 265);
 ORT_ABI_SLOT(ShapeInferContext_GetInputCount, 267);
+ORT_ABI_SLOT(ShapeInferContext_GetInputTypeShape, 268);
+ORT_ABI_SLOT(ShapeInferContext_GetAttribute, 269);
+ORT_ABI_SLOT(ShapeInferContext_SetOutputTypeShape, 270);
+ORT_ABI_SLOT(SetSymbolicDimensions, 271);
 ORT_ABI_SLOT(ReadOpAttr, 272);
 ORT_ABI_SLOT(KernelContext_ParallelFor, 274);
-ORT_ABI_SLOT(KernelContext_GetScratchBuffer, 277);
-ORT_ABI_SLOT(KernelInfoGetAllocator, 278);
 #undef ORT_ABI_SLOT
-static_assert(sizeof(OrtApi) == 279 * sizeof(void*), "OrtApi ends after slot 278");
+static_assert(sizeof(OrtApi) == 275 * sizeof(void*), "OrtApi ends after slot 274");
 // OrtCustomOp: a uint32_t padded to pointer alignment, then 25 function pointers.
 static_assert(offsetof(OrtCustomOp, CreateKernel) == 1 * sizeof(void*), "OrtCustomOp layout");
 static_assert(offsetof(OrtCustomOp, GetInputCharacteristic) == 10 * sizeof(void*), "OrtCustomOp layout");

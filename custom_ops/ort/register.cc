@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../kernels/cpu/gptq_matmul_cpu.h"
+#include "abi_probe.h"
 #include "cpu_op.h"
 #include "gptq_op.h"
 #include "ort_abi.h"
@@ -58,20 +59,24 @@ ONNX_GPTQ_EXPORT OrtStatus* RegisterCustomOps(OrtSessionOptions* options, const 
   if (OrtStatus* st = api->CreateCustomOpDomain(kDomain, &domain)) return st;
   // The CPU float32 op is registered first, so its shape inference function
   // is the one onnxruntime uses for every provider's GptqMatMul.
-  OrtStatus* st = RegisterCpuOps(domain, api, op_version, ShapeInferenceSafe(api_base->GetVersionString()));
+  const bool shape_inference = ShapeInferenceSafe(api_base->GetVersionString());
+  OrtStatus* st = RegisterCpuOps(domain, api, op_version, shape_inference);
 #ifdef ONNX_GPTQ_WITH_CUDA
-  if (!st) st = onnx_gptq_register_cuda_ops(api, op_version, domain);
+  if (!st) st = onnx_gptq_register_cuda_ops(api, op_version, domain, shape_inference ? 1 : 0);
 #endif
   if (!st) st = api->AddCustomOpDomain(options, domain);
   if (st) {
     api->ReleaseCustomOpDomain(domain);
     return st;
   }
+  OrtCustomOpDomain* probe_domain = nullptr;  // only in tests/test_ort_abi.py (see abi_probe.h)
+  if (AbiProbeArmed()) st = AddAbiProbeDomain(api_base, api, op_version, options, &probe_domain);
   DomainRegistry& reg = Registry();
   std::lock_guard<std::mutex> lock(reg.mu);
   reg.api = api;
   reg.domains.push_back(domain);
-  return nullptr;
+  if (probe_domain) reg.domains.push_back(probe_domain);
+  return st;
 }
 
 // 1 when the library was built with the CUDA kernels (for onnx_gptq.custom_ops).

@@ -103,7 +103,47 @@ def _load(path: str) -> ctypes.CDLL:
     lib.onnx_gptq_has_cuda_kernels.restype = ctypes.c_int
     lib.onnx_gptq_cpu_isa.restype = ctypes.c_char_p
     lib.onnx_gptq_cpu_int8_isa.restype = ctypes.c_char_p
+    if hasattr(lib, "onnx_gptq_status_name"):  # a library built before the shared codes lacks them
+        lib.onnx_gptq_status_name.restype = ctypes.c_char_p
+        lib.onnx_gptq_status_name.argtypes = [ctypes.c_int]
+        lib.onnx_gptq_status_string.restype = ctypes.c_char_p
+        lib.onnx_gptq_status_string.argtypes = [ctypes.c_int]
     return lib
+
+
+def _status_library() -> ctypes.CDLL:
+    path = str(library_path())
+    lib = _load(path)
+    if not hasattr(lib, "onnx_gptq_status_name"):
+        raise CustomOpsLibraryError(f"{path} predates the kernels' shared status codes; rebuild it: {_BUILD_HINT}")
+    return lib
+
+
+def status_codes() -> dict[str, int]:
+    """The kernels' status codes, as the library defines them (custom_ops/kernels/gptq_status.h).
+
+    Read from the library rather than copied, so Python and C cannot disagree.
+
+    Returns:
+        ``{"OK": 0, "ERR_NULL_POINTER": 1, ...}``: every code, in order.
+
+    Raises:
+        CustomOpsLibraryError: the library is missing, cannot be loaded, or predates the codes.
+    """
+    lib = _status_library()
+    codes: dict[str, int] = {}
+    while (name := lib.onnx_gptq_status_name(len(codes))) is not None:  # codes are contiguous from 0
+        codes[name.decode()] = len(codes)
+    return codes
+
+
+def status_string(status: int) -> str:
+    """The library's description of a kernel status code ("success" for 0).
+
+    Raises:
+        CustomOpsLibraryError: the library is missing, cannot be loaded, or predates the codes.
+    """
+    return _status_library().onnx_gptq_status_string(status).decode()
 
 
 def has_cuda_kernels() -> bool:

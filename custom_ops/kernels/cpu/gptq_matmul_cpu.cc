@@ -16,16 +16,6 @@
 namespace onnx_gptq {
 namespace cpu {
 
-const char* StatusString(Status status) {
-  switch (status) {
-    case Status::kOk: return "ok";
-    case Status::kInvalidArgument: return "invalid argument";
-    case Status::kBadGroupIndex: return "g_idx entry out of range";
-    case Status::kOutOfMemory: return "out of memory";
-  }
-  return "unknown status";
-}
-
 namespace detail {
 
 void* AlignedAlloc(size_t bytes) {

@@ -11,18 +11,22 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../gptq_status.h"
+
 namespace onnx_gptq {
 namespace cpu {
 
+// The codes of ../gptq_status.h this kernel returns (the CUDA kernels share
+// the vocabulary; a typed enum keeps a stray int from passing as a status).
 enum class Status : int {
-  kOk = 0,
-  kInvalidArgument = 1,  // parameters disagree with each other (a caller bug)
-  kBadGroupIndex = 2,    // a g_idx entry outside [0, n_groups)
-  kOutOfMemory = 3,
+  kOk = ONNX_GPTQ_OK,
+  kInvalidArgument = ONNX_GPTQ_ERR_INVALID_ARGUMENT,  // parameters disagree with each other (a caller bug)
+  kBadGroupIndex = ONNX_GPTQ_ERR_G_IDX,               // a g_idx entry outside [0, n_groups)
+  kOutOfMemory = ONNX_GPTQ_ERR_OUT_OF_MEMORY,
 };
 
-// Human-readable name of a status, for error messages.
-const char* StatusString(Status status);
+// Human-readable description of a status, for error messages.
+inline const char* StatusString(Status status) { return onnx_gptq_status_string(static_cast<int>(status)); }
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1 };
 

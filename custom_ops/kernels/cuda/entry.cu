@@ -36,7 +36,7 @@ thread_local char g_last_launch_error[256] = "";
 int launch_failed(cudaError_t err) {
   std::snprintf(g_last_launch_error, sizeof(g_last_launch_error), "%s: %s", cudaGetErrorName(err),
                 cudaGetErrorString(err));
-  return ONNX_GPTQ_CUDA_ERR_LAUNCH;
+  return ONNX_GPTQ_ERR_LAUNCH;
 }
 
 template <typename T>
@@ -67,17 +67,17 @@ extern "C" {
 int onnx_gptq_cuda_matmul(const void* A, const uint8_t* B, const void* scales, const uint8_t* zero_points,
                           const int32_t* g_idx, const void* bias, void* Y, int64_t M, int64_t K, int64_t N,
                           int bits, int64_t block_size, int64_t n_groups, int dtype, void* stream) {
-  if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return ONNX_GPTQ_CUDA_ERR_BITS;
-  if (dtype < 0 || dtype > 2) return ONNX_GPTQ_CUDA_ERR_DTYPE;
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return ONNX_GPTQ_ERR_BITS;
+  if (dtype < 0 || dtype > 2) return ONNX_GPTQ_ERR_DTYPE;
   // Bounds keep every derived size and index well inside int64 (and grid limits).
   constexpr int64_t kMaxDim = int64_t{1} << 31;
-  if (M < 0 || K < 1 || N < 0 || M > 65535LL * 64 || K >= kMaxDim || N >= kMaxDim) return ONNX_GPTQ_CUDA_ERR_SHAPE;
-  if (block_size < 1 || block_size >= kMaxDim) return ONNX_GPTQ_CUDA_ERR_BLOCK_SIZE;
+  if (M < 0 || K < 1 || N < 0 || M > 65535LL * 64 || K >= kMaxDim || N >= kMaxDim) return ONNX_GPTQ_ERR_SHAPE;
+  if (block_size < 1 || block_size >= kMaxDim) return ONNX_GPTQ_ERR_BLOCK_SIZE;
   const int64_t n_blocks = (K + block_size - 1) / block_size;
   const int64_t blob_size = (block_size * bits + 7) / 8;
-  if (n_groups < 1 || n_groups > K || (g_idx == nullptr && n_groups != n_blocks)) return ONNX_GPTQ_CUDA_ERR_N_GROUPS;
-  if (M == 0 || N == 0) return ONNX_GPTQ_CUDA_OK;  // empty output: nothing to compute
-  if (A == nullptr || B == nullptr || scales == nullptr || Y == nullptr) return ONNX_GPTQ_CUDA_ERR_NULL_POINTER;
+  if (n_groups < 1 || n_groups > K || (g_idx == nullptr && n_groups != n_blocks)) return ONNX_GPTQ_ERR_N_GROUPS;
+  if (M == 0 || N == 0) return ONNX_GPTQ_OK;  // empty output: nothing to compute
+  if (A == nullptr || B == nullptr || scales == nullptr || Y == nullptr) return ONNX_GPTQ_ERR_NULL_POINTER;
 
   Problem p{};
   p.A = A;
@@ -104,15 +104,15 @@ int onnx_gptq_cuda_matmul(const void* A, const uint8_t* B, const void* scales, c
     case DType::kFloat16: err = dispatch<__half>(p, DType::kFloat16); break;
     default: err = dispatch<__nv_bfloat16>(p, DType::kBFloat16); break;
   }
-  return err == cudaSuccess ? ONNX_GPTQ_CUDA_OK : launch_failed(err);
+  return err == cudaSuccess ? ONNX_GPTQ_OK : launch_failed(err);
 }
 
 int onnx_gptq_cuda_check_g_idx(const int32_t* g_idx, int64_t K, int64_t n_groups, int64_t* bad_column,
                                void* stream) {
   if (bad_column) *bad_column = -1;
-  if (K < 1) return ONNX_GPTQ_CUDA_ERR_SHAPE;
-  if (n_groups < 1) return ONNX_GPTQ_CUDA_ERR_N_GROUPS;
-  if (g_idx == nullptr) return ONNX_GPTQ_CUDA_ERR_NULL_POINTER;
+  if (K < 1) return ONNX_GPTQ_ERR_SHAPE;
+  if (n_groups < 1) return ONNX_GPTQ_ERR_N_GROUPS;
+  if (g_idx == nullptr) return ONNX_GPTQ_ERR_NULL_POINTER;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   // Plain cudaMalloc (not the stream-ordered pool, which some devices lack):
   // this check runs once per g_idx tensor and synchronises anyway.
@@ -133,26 +133,9 @@ int onnx_gptq_cuda_check_g_idx(const int32_t* g_idx, int64_t K, int64_t n_groups
   if (err != cudaSuccess) return launch_failed(err);
   if (h_first != ~0ull) {
     if (bad_column) *bad_column = static_cast<int64_t>(h_first);
-    return ONNX_GPTQ_CUDA_ERR_G_IDX;
+    return ONNX_GPTQ_ERR_G_IDX;
   }
-  return ONNX_GPTQ_CUDA_OK;
-}
-
-const char* onnx_gptq_cuda_error_string(int status) {
-  switch (status) {
-    case ONNX_GPTQ_CUDA_OK: return "success";
-    case ONNX_GPTQ_CUDA_ERR_NULL_POINTER: return "a required pointer (A, B, scales, Y or g_idx) is null";
-    case ONNX_GPTQ_CUDA_ERR_BITS: return "bits must be 2, 3, 4 or 8";
-    case ONNX_GPTQ_CUDA_ERR_BLOCK_SIZE: return "block_size must be >= 1 (and < 2**31)";
-    case ONNX_GPTQ_CUDA_ERR_SHAPE:
-      return "bad sizes: need K >= 1, M >= 0, N >= 0, K and N < 2**31, M <= 4194240";
-    case ONNX_GPTQ_CUDA_ERR_N_GROUPS:
-      return "n_groups must be in [1, K], and equal ceil(K / block_size) when g_idx is absent";
-    case ONNX_GPTQ_CUDA_ERR_DTYPE: return "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)";
-    case ONNX_GPTQ_CUDA_ERR_G_IDX: return "a g_idx entry lies outside [0, n_groups)";
-    case ONNX_GPTQ_CUDA_ERR_LAUNCH: return "the CUDA runtime reported an error (see onnx_gptq_cuda_last_launch_error)";
-    default: return "unknown onnx_gptq CUDA status";
-  }
+  return ONNX_GPTQ_OK;
 }
 
 const char* onnx_gptq_cuda_last_launch_error(void) { return g_last_launch_error; }
