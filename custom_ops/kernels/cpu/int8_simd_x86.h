@@ -69,14 +69,7 @@ struct X86I8 {
   template <int BITS>
   static void Unpack(const uint8_t* src, I* out) {
     if constexpr (BITS == 3) {
-      // 24 bytes (16 + 8), each 3-byte group to its own dword (as Avx2V).
-      __m256i v = _mm256_inserti128_si256(
-          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))),
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 16)), 1);
-      v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0));
-      const __m256i shuf = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,  //
-                                            0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
-      v = _mm256_shuffle_epi8(v, shuf);
+      const __m256i v = Load3BitGroups(src);
       // Codes i = 0..3 of a dword sit at bits 3i; move each to byte i.
       for (int s = 0; s < 2; ++s) {
         const __m256i t = _mm256_srli_epi32(v, 12 * s);
