@@ -22,11 +22,10 @@ from onnx import helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from devtools import assets  # noqa: E402
+from devtools import smollm2_bench  # noqa: E402
 from onnx_gptq import quantize_with_report  # noqa: E402
 from onnx_gptq.config import CalibConfig, QuantConfig  # noqa: E402
 from onnx_gptq.runtime import custom_ops  # noqa: E402
-from onnx_gptq.tools import export  # noqa: E402
 from onnx_gptq.tools.evaluate import evaluate  # noqa: E402
 
 
@@ -50,13 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512 tokens")
     parser.add_argument("--windows", type=int, default=8, help="evaluation windows of 512 tokens")
     args = parser.parse_args(argv)
-    tok = str(assets.smollm2_gguf())
-    calib, ev = (str(p) for p in assets.sotu_split_files())
-    work = assets.cache_root() / "int8"
-    work.mkdir(parents=True, exist_ok=True)
-    ref = work / "smollm2.onnx"
-    if not ref.exists():
-        export.export_model(tok, ref)
+    setup = smollm2_bench.prepare("int8")
+    tok, calib, ev, work, ref = setup.tokenizer, setup.calib, setup.evaluation, setup.work, setup.reference
     fp32 = evaluate(ref, ev, tok, seq_len=512, max_windows=args.windows)
     print(f"| model | accuracy_level 0 ppl | accuracy_level 4 ppl | difference |")
     print("|---|---|---|---|")

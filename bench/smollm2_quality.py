@@ -14,19 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from devtools import assets  # noqa: E402
-from onnx_gptq.tools import export  # noqa: E402
+from devtools import smollm2_bench  # noqa: E402
 from onnx_gptq.config import CalibConfig, QuantConfig  # noqa: E402
 from onnx_gptq.tools.evaluate import evaluate  # noqa: E402
 from onnx_gptq.pipeline import quantize_with_report  # noqa: E402
 
-tok = str(assets.smollm2_gguf())
-calib, ev = (str(p) for p in assets.sotu_split_files())
-work = assets.cache_root() / "quality"
-work.mkdir(parents=True, exist_ok=True)
-ref = work / "smollm2.onnx"
-if not ref.exists():
-    export.export_model(tok, ref)
+setup = smollm2_bench.prepare("quality")
+tok, calib, ev, work, ref = setup.tokenizer, setup.calib, setup.evaluation, setup.work, setup.reference
 n = int(sys.argv[1])
 rows = sys.argv[2].split(",")
 fp32 = evaluate(ref, ev, tok, seq_len=512, max_windows=16)

@@ -498,22 +498,7 @@ inline void PlanUnits(Call& c) {
 template <class V8, int BITS>
 Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
   Call c;
-  c.p = &p;
-  c.M = p.M;
-  c.K = p.K;
-  c.N = p.N;
-  c.bits = BITS;
-  c.bs = p.block_size;
-  c.n_blocks = CeilDiv(p.K, p.block_size);
-  c.blob = CeilDiv(p.block_size * BITS, 8);
-  c.n_groups = p.n_groups;
-  if (p.dtype == DType::kFloat32) {
-    c.scales_f32 = static_cast<const float*>(p.scales);
-  } else {
-    c.scales_f16 = static_cast<const uint16_t*>(p.scales);
-  }
-  c.zp = p.zero_points;
-  c.zp_default = float(1 << (BITS - 1));
+  SetCallShape<BITS>(p, c);
   const int threads = runner.threads > 0 ? runner.threads : 1;
 
   Buffer kperm(size_t(c.K) * sizeof(int32_t));
@@ -595,13 +580,7 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
 
 template <class V8>
 Status Run(const GptqMatMulParams& p, const ParallelRunner& runner) {
-  switch (p.bits) {
-    case 2: return RunBits<V8, 2>(p, runner);
-    case 3: return RunBits<V8, 3>(p, runner);
-    case 4: return RunBits<V8, 4>(p, runner);
-    case 8: return RunBits<V8, 8>(p, runner);
-    default: return Status::kInvalidArgument;
-  }
+  return DispatchBits(p.bits, [&](auto bits) { return RunBits<V8, decltype(bits)::kBits>(p, runner); });
 }
 
 }  // namespace int8

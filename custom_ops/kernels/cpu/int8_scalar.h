@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "int8_quantize.h"
+
 namespace onnx_gptq {
 namespace cpu {
 namespace GPTQ_ISA_NS {
@@ -71,21 +73,9 @@ struct ScalarI8 {
     return s;
   }
   static float QuantizeBlock(const float* a, int64_t n, int8_t* q, int32_t* qsum) {
-    float amax = 0.0f;
-    for (int64_t i = 0; i < n; ++i) amax = __builtin_fabsf(a[i]) > amax ? __builtin_fabsf(a[i]) : amax;
-    int32_t total = 0;
-    if (!(amax > 0.0f)) {
-      for (int64_t i = 0; i < n; ++i) q[i] = 0;
-      *qsum = 0;
-      return 0.0f;
-    }
-    const float inv = 127.0f / amax;
-    for (int64_t i = 0; i < n; ++i) {
-      const int32_t x = int32_t(__builtin_nearbyintf(a[i] * inv));
-      q[i] = int8_t(x);
-      total += x;
-    }
-    *qsum = total;
+    const float amax = AbsMaxFrom(a, 0, n, 0.0f);
+    if (!(amax > 0.0f)) return QuantizeZeroBlock(n, q, qsum);
+    *qsum = QuantizeFrom(a, 0, n, 127.0f / amax, q, 0);
     return amax / 127.0f;
   }
   static void HalfToFloat(const uint16_t* src, float* dst, int64_t n) { ScalarV::HalfToFloat(src, dst, n); }

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "int8_quantize.h"
+
 namespace onnx_gptq {
 namespace cpu {
 namespace GPTQ_ISA_NS {
@@ -69,14 +71,7 @@ struct X86I8 {
   template <int BITS>
   static void Unpack(const uint8_t* src, I* out) {
     if constexpr (BITS == 3) {
-      // 24 bytes (16 + 8), each 3-byte group to its own dword (as Avx2V).
-      __m256i v = _mm256_inserti128_si256(
-          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))),
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 16)), 1);
-      v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0));
-      const __m256i shuf = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,  //
-                                            0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
-      v = _mm256_shuffle_epi8(v, shuf);
+      const __m256i v = Load3BitGroups(src);
       // Codes i = 0..3 of a dword sit at bits 3i; move each to byte i.
       for (int s = 0; s < 2; ++s) {
         const __m256i t = _mm256_srli_epi32(v, 12 * s);
@@ -155,6 +150,14 @@ struct X86I8 {
     return s;
   }
 
+  // Sum of the 8 int32 lanes.
+  static int32_t HsumI32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+  }
+
   // Exact sum of codes[i] * act[i].
   static int32_t DotBytes(const uint8_t* codes, const int8_t* act, int64_t n) {
     __m256i acc = _mm256_setzero_si256();
@@ -164,10 +167,7 @@ struct X86I8 {
       const __m256i a = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(act + i)));
       acc = _mm256_add_epi32(acc, _mm256_madd_epi16(c, a));
     }
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    int32_t total = _mm_cvtsi128_si32(s);
+    int32_t total = HsumI32(acc);
     for (; i < n; ++i) total += int32_t(codes[i]) * int32_t(act[i]);
     return total;
   }
@@ -182,13 +182,8 @@ struct X86I8 {
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-    float amax = _mm_cvtss_f32(m4);
-    for (; i < n; ++i) amax = __builtin_fabsf(a[i]) > amax ? __builtin_fabsf(a[i]) : amax;
-    if (!(amax > 0.0f)) {
-      for (int64_t k = 0; k < n; ++k) q[k] = 0;
-      *qsum = 0;
-      return 0.0f;
-    }
+    const float amax = AbsMaxFrom(a, i, n, _mm_cvtss_f32(m4));
+    if (!(amax > 0.0f)) return QuantizeZeroBlock(n, q, qsum);
     const float inv = 127.0f / amax;
     const __m256 vinv = _mm256_set1_ps(inv);
     __m256i vsum = _mm256_setzero_si256();
@@ -199,16 +194,7 @@ struct X86I8 {
       const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
       _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(p16, p16));
     }
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(vsum), _mm256_extracti128_si256(vsum, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    int32_t total = _mm_cvtsi128_si32(s);
-    for (; i < n; ++i) {
-      const int32_t x = int32_t(__builtin_nearbyintf(a[i] * inv));
-      q[i] = int8_t(x);
-      total += x;
-    }
-    *qsum = total;
+    *qsum = QuantizeFrom(a, i, n, inv, q, HsumI32(vsum));
     return amax / 127.0f;
   }
 

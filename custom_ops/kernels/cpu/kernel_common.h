@@ -29,6 +29,47 @@ inline uint32_t ExtractCode(const uint8_t* blob, int64_t blob_size, int bits, in
   return (v >> (t & 7)) & ((1u << bits) - 1u);
 }
 
+// Compile-time bit width handed to a kernel's RunBits by DispatchBits.
+template <int B>
+struct BitsTag {
+  static constexpr int kBits = B;
+};
+
+// run(BitsTag<bits>{}) for the widths the kernels are built for (2, 3, 4, 8);
+// kInvalidArgument for any other.
+template <class RunFn>
+Status DispatchBits(int bits, const RunFn& run) {
+  switch (bits) {
+    case 2: return run(BitsTag<2>{});
+    case 3: return run(BitsTag<3>{});
+    case 4: return run(BitsTag<4>{});
+    case 8: return run(BitsTag<8>{});
+    default: return Status::kInvalidArgument;
+  }
+}
+
+// The fields of a kernel's Call (kernel_impl.h, int8_impl.h) that follow from
+// the params alone: shape, blocks, scales and zero points.
+template <int BITS, class CallT>
+void SetCallShape(const GptqMatMulParams& p, CallT& c) {
+  c.p = &p;
+  c.M = p.M;
+  c.K = p.K;
+  c.N = p.N;
+  c.bits = BITS;
+  c.bs = p.block_size;
+  c.n_blocks = CeilDiv(p.K, p.block_size);
+  c.blob = CeilDiv(p.block_size * BITS, 8);
+  c.n_groups = p.n_groups;
+  if (p.dtype == DType::kFloat32) {
+    c.scales_f32 = static_cast<const float*>(p.scales);
+  } else {
+    c.scales_f16 = static_cast<const uint16_t*>(p.scales);
+  }
+  c.zp = p.zero_points;
+  c.zp_default = float(1 << (BITS - 1));
+}
+
 // Owns memory from detail::AlignedAlloc.
 struct Buffer {
   void* ptr = nullptr;

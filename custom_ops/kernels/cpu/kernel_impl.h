@@ -489,15 +489,7 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
   constexpr int64_t MP = GemmShape<V>::MP;
   constexpr int64_t NR = GemmShape<V>::NR;
   Call c;
-  c.p = &p;
-  c.M = p.M;
-  c.K = p.K;
-  c.N = p.N;
-  c.bits = BITS;
-  c.bs = p.block_size;
-  c.n_blocks = CeilDiv(p.K, p.block_size);
-  c.blob = CeilDiv(p.block_size * BITS, 8);
-  c.n_groups = p.n_groups;
+  SetCallShape<BITS>(p, c);
   c.C = int64_t(V::W) * S;
   c.CB = c.C * BITS / 8;
   c.nfull = c.bs / c.C;
@@ -505,13 +497,6 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
   // when that column is in the block's tail.
   const int64_t last_start = (c.n_blocks - 1) * c.bs, last_cols = c.K - last_start;
   c.Kp = last_start + (last_cols <= c.nfull * c.C ? CeilDiv(last_cols, c.C) * c.C : last_cols);
-  if (p.dtype == DType::kFloat32) {
-    c.scales_f32 = static_cast<const float*>(p.scales);
-  } else {
-    c.scales_f16 = static_cast<const uint16_t*>(p.scales);
-  }
-  c.zp = p.zero_points;
-  c.zp_default = float(1 << (BITS - 1));
   const int threads = runner.threads > 0 ? runner.threads : 1;
 
   Buffer kperm(size_t(c.K) * sizeof(int32_t));
@@ -628,13 +613,7 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
 
 template <class V>
 Status Run(const GptqMatMulParams& p, const ParallelRunner& runner) {
-  switch (p.bits) {
-    case 2: return RunBits<V, 2>(p, runner);
-    case 3: return RunBits<V, 3>(p, runner);
-    case 4: return RunBits<V, 4>(p, runner);
-    case 8: return RunBits<V, 8>(p, runner);
-    default: return Status::kInvalidArgument;
-  }
+  return DispatchBits(p.bits, [&](auto bits) { return RunBits<V, decltype(bits)::kBits>(p, runner); });
 }
 
 // Codes per chunk for vector width W (to pick a narrower V for small blocks).

@@ -12,6 +12,20 @@ namespace onnx_gptq {
 namespace cpu {
 namespace GPTQ_ISA_NS {
 
+// The 24 bytes of a 3-bit chunk, 3-byte group j (codes 8j..8j+7) in dword j
+// with its top byte zero: the first step of both 3-bit unpacks (Avx2V,
+// X86I8). Reads exactly 24 bytes (16 + 8); dwords 3..5 go to the upper
+// 128-bit lane, then each group to its own dword.
+inline __m256i Load3BitGroups(const uint8_t* src) {
+  __m256i v = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))),
+      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 16)), 1);
+  v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0));
+  const __m256i shuf = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,  //
+                                        0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+  return _mm256_shuffle_epi8(v, shuf);
+}
+
 struct Avx2V {
   static constexpr int W = 8;
   using F = __m256;
@@ -38,15 +52,7 @@ struct Avx2V {
   template <int BITS>
   static void Unpack(const uint8_t* src, F* out) {
     if constexpr (BITS == 3) {
-      // Exactly 24 bytes (16 + 8), dwords 3..5 to the upper 128-bit lane,
-      // then each 3-byte group to its own dword.
-      __m256i v = _mm256_inserti128_si256(
-          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))),
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 16)), 1);
-      v = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0));
-      const __m256i shuf = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,  //
-                                            0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
-      v = _mm256_shuffle_epi8(v, shuf);
+      const __m256i v = Load3BitGroups(src);
       const __m256i m7 = _mm256_set1_epi32(7);
       for (int s = 0; s < 8; ++s) out[s] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 3 * s), m7));
     } else {
