@@ -202,10 +202,7 @@ def check_output_path(source: Path, output: Path, *, inputs: Sequence[Path] = ()
     """
     read = list(inputs) or [source]
     _check_writable_file(output, "output")
-    for path in read:
-        if path.exists() and same_file(output, path):
-            what = "the input model" if path == source else f"the input's external data '{path}'"
-            raise OutputError(f"output '{output}' is {what}; choose another path")
+    _refuse_inputs("output", output, source, read)
     if report is None:
         return output
     check_report_path(report)
@@ -214,11 +211,16 @@ def check_output_path(source: Path, output: Path, *, inputs: Sequence[Path] = ()
     for what, path in written.items():
         if same_file(report, path):
             raise OutputError(f"report '{report}' is {what}; choose another path")
-    for path in read:
-        if path.exists() and same_file(report, path):
-            what = "the input model" if path == source else f"the input's external data '{path}'"
-            raise OutputError(f"report '{report}' is {what}; choose another path")
+    _refuse_inputs("report", report, source, read)
     return output
+
+
+def _refuse_inputs(option: str, path: Path, source: Path, read: Sequence[Path]) -> None:
+    """Raise OutputError when the written `path` is (or links to) one of the files the run reads."""
+    for input_path in read:
+        if input_path.exists() and same_file(path, input_path):
+            what = "the input model" if input_path == source else f"the input's external data '{input_path}'"
+            raise OutputError(f"{option} '{path}' is {what}; choose another path")
 
 
 def _tensor_bytes(model: ir.Model) -> int:
