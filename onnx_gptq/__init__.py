@@ -5,7 +5,7 @@ entry points; the pass itself is `onnx_gptq.pipeline.GptqPass`. The package's
 layout is described in docs/ARCHITECTURE.md.
 """
 
-from onnx_gptq.config import Algo, CalibConfig, Format, LayerFilter, QuantConfig
+from onnx_gptq.config import Algo, CalibConfig, Format, LayerFilter, LayerRule, QuantConfig
 from onnx_gptq.errors import CalibrationError, ConfigError, ModelError, OutputError, UserError
 from onnx_gptq.qweight import QuantizedWeight
 
@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 from onnx_gptq.pipeline import GptqPass, quantize, quantize_with_report  # noqa: E402 - after __version__: cli imports it
 
 __all__ = [
-    "Algo", "CalibConfig", "Format", "GptqPass", "LayerFilter", "QuantConfig", "QuantizedWeight",
+    "Algo", "CalibConfig", "Format", "GptqPass", "LayerFilter", "LayerRule", "QuantConfig", "QuantizedWeight",
     "UserError", "ModelError", "CalibrationError", "ConfigError", "OutputError",
     "quantize", "quantize_with_report",
 ]

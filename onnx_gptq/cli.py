@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from onnx_gptq import __version__
-from onnx_gptq.config import SUPPORTED_BITS, Algo, CalibConfig, Format, LayerFilter, QuantConfig
+from onnx_gptq.config import SUPPORTED_BITS, Algo, CalibConfig, Format, LayerFilter, LayerRule, QuantConfig
 from onnx_gptq.errors import UserError
 
 logger = logging.getLogger("onnx_gptq")
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only quantize layers whose node, weight or torch module name matches (repeatable)")
     which.add_argument("--exclude", action="append", default=[], metavar="REGEX",
                        help="leave matching layers float (repeatable)")
+    which.add_argument("--layer-config", action="append", default=[], metavar="REGEX=bits:N[,group_size:G]|FILE.json",
+                       help="other bits / group size / sym for the layers REGEX matches (repeatable; later rules "
+                            "win), or a JSON file mapping REGEX -> {\"bits\": 8, \"group_size\": 32}")
     which.add_argument("--quantize-head", action="store_true", default=LAYERS.quantize_head,
                        help="also quantize the output head")
 
@@ -127,12 +130,32 @@ def _configs(args: argparse.Namespace) -> tuple[QuantConfig, CalibConfig]:
                         static_groups=not args.dynamic_groups, damp=args.damp, blocksize=args.blocksize,
                         mse=args.mse, algo=args.algo, format=args.format, include=tuple(args.include),
                         exclude=tuple(args.exclude), quantize_head=args.quantize_head,
-                        accuracy_level=args.accuracy_level)
+                        accuracy_level=args.accuracy_level, layer_rules=_layer_rules(args.layer_config))
     calib = CalibConfig(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                         providers=_providers(args.providers), seed=args.seed, sequential=args.sequential,
                         split=args.calib_split,
                         memory_budget=None if args.memory_budget is None else int(args.memory_budget * 2**30))
     return quant, calib
+
+
+def _layer_rules(specs: list[str]) -> tuple[LayerRule, ...]:
+    """--layer-config values: REGEX=SETTINGS rules, or JSON files of them, in the order given."""
+    import json
+
+    rules: list[LayerRule] = []
+    for spec in specs:
+        if spec.endswith(".json") and "=" not in spec:
+            path = Path(spec)
+            try:
+                data = json.loads(path.read_text())
+            except OSError as exc:
+                raise UserError(f"--layer-config: cannot read '{path}' ({exc.strerror or exc})") from None
+            except json.JSONDecodeError as exc:
+                raise UserError(f"--layer-config: '{path}' is not valid JSON ({exc})") from None
+            rules.extend(LayerRule.from_mapping(data, f"'{path}'"))
+        else:
+            rules.append(LayerRule.parse(spec))
+    return tuple(rules)
 
 
 def run_quantize(args: argparse.Namespace) -> int:

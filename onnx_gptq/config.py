@@ -5,6 +5,8 @@
   output head); `targets.find_targets` takes it. QuantConfig's `include`,
   `exclude` and `quantize_head` are a shorthand for one (`QuantConfig.layers`),
   so that a single config object covers the common case.
+* :class:`LayerRule` gives the layers a pattern matches other bits, group size
+  or grid (mixed precision: `QuantConfig.layer_rules`, `QuantConfig.for_layer`).
 * :class:`CalibConfig` holds the calibration settings (samples, sequence
   length, batch, providers, sequential mode, memory budget).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from onnx_gptq import contract
@@ -93,6 +96,112 @@ class LayerFilter:
         return {"include": list(self.include), "exclude": list(self.exclude), "quantize_head": self.quantize_head}
 
 
+#: The settings a LayerRule may change, with the type each takes.
+LAYER_RULE_FIELDS = {"bits": int, "group_size": int, "sym": bool}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+    """Other quantization settings for the layers `pattern` matches (mixed precision).
+
+    A layer is matched by the names of its initializer, its nodes and their torch
+    module paths (`re.search`), as LayerFilter matches. Rules apply in order: a
+    later matching rule overrides the settings it names. Rules never select layers:
+    which layers are quantized stays LayerFilter's choice.
+
+    Args:
+        pattern: regular expression.
+        bits: code width for the matched layers (None: the config's).
+        group_size: group size for them (None: the config's).
+        sym: symmetric grid or not (None: the config's).
+    """
+
+    pattern: str
+    bits: int | None = None
+    group_size: int | None = None
+    sym: bool | None = None
+
+    def __post_init__(self) -> None:
+        _check_patterns("layer_config", (self.pattern,))
+        if not self.settings():
+            raise ConfigError(f"layer_config: rule for {self.pattern!r} changes nothing (give bits, group_size "
+                              "or sym)")
+
+    def settings(self) -> dict[str, Any]:
+        """The settings this rule changes."""
+        return {name: getattr(self, name) for name in LAYER_RULE_FIELDS if getattr(self, name) is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pattern": self.pattern, **self.settings()}
+
+    @classmethod
+    def parse(cls, text: str) -> "LayerRule":
+        """A rule from the command line's ``REGEX=bits:8,group_size:32,sym:true``.
+
+        Raises:
+            ConfigError: the text is malformed; the message quotes it.
+        """
+        pattern, sep, spec = text.rpartition("=")
+        if not sep or not pattern or not spec:
+            raise ConfigError(f"layer_config: {text!r} is not REGEX=SETTING:VALUE[,...] "
+                              "(e.g. 'down_proj=bits:8' or 'lm_head=bits:8,group_size:32')")
+        settings: dict[str, Any] = {}
+        for item in spec.split(","):
+            name, colon, value = (part.strip() for part in item.partition(":"))
+            name = {"group": "group_size", "g": "group_size"}.get(name, name)
+            if not colon or name not in LAYER_RULE_FIELDS:
+                raise ConfigError(f"layer_config: {item.strip()!r} in {text!r} is not one of "
+                                  f"{', '.join(f'{n}:VALUE' for n in LAYER_RULE_FIELDS)}")
+            settings[name] = _rule_value(name, value, text)
+        return cls(pattern, **settings)
+
+    @classmethod
+    def from_mapping(cls, data: Any, source: str) -> tuple["LayerRule", ...]:
+        """Rules from JSON: ``{"REGEX": {"bits": 8, "group_size": 32}, ...}`` or a list of
+        ``{"pattern": "REGEX", "bits": 8}`` objects (`source` names the file in errors).
+
+        Raises:
+            ConfigError: the data has another shape, or a setting is unknown or mistyped.
+        """
+        if isinstance(data, dict):
+            items = [{"pattern": k, **v} if isinstance(v, dict) else None for k, v in data.items()]
+        elif isinstance(data, list):
+            items = [item if isinstance(item, dict) else None for item in data]
+        else:
+            items = [None]
+        rules = []
+        for item in items:
+            if item is None:
+                raise ConfigError(f"layer_config: {source} must map REGEX -> {{\"bits\": N, ...}} "
+                                  "or list {\"pattern\": REGEX, \"bits\": N, ...} objects")
+            unknown = sorted(set(item) - set(LAYER_RULE_FIELDS) - {"pattern"})
+            if unknown:
+                raise ConfigError(f"layer_config: {source}: unknown setting(s) {', '.join(unknown)} for "
+                                  f"{item.get('pattern')!r} (known: {', '.join(LAYER_RULE_FIELDS)})")
+            for name, value in item.items():
+                expected = str if name == "pattern" else LAYER_RULE_FIELDS[name]
+                if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                    raise ConfigError(f"layer_config: {source}: {name} of {item.get('pattern')!r} must be "
+                                      f"{expected.__name__}, not {value!r}")
+            rules.append(cls(**item))
+        return tuple(rules)
+
+
+def _rule_value(name: str, value: str, text: str) -> Any:
+    if LAYER_RULE_FIELDS[name] is bool:
+        if value.lower() in ("true", "1", "yes"):
+            return True
+        if value.lower() in ("false", "0", "no"):
+            return False
+    else:
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"layer_config: {name}:{value} in {text!r} is not a valid "
+                      f"{LAYER_RULE_FIELDS[name].__name__}")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """How and which weights are quantized.
@@ -121,6 +230,8 @@ class QuantConfig:
         quantize_head: shorthand for ``LayerFilter(quantize_head=...)``.
         accuracy_level: accuracy_level attribute of MatMulNBits and GptqMatMul nodes
             (0: default, fp32 math; 4: int8 activations on CPU).
+        layer_rules: other bits / group size / grid for the layers a pattern
+            matches (see `LayerRule`, `for_layer`).
     """
 
     bits: int = 4
@@ -137,9 +248,11 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     quantize_head: bool = False
     accuracy_level: int = 0
+    layer_rules: tuple[LayerRule, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("layer_rules", tuple(r if isinstance(r, LayerRule) else LayerRule(**r) for r in self.layer_rules))
         set_("algo", _enum(Algo, self.algo, "algo"))
         set_("format", _enum(Format, self.format, "format"))
         set_("include", tuple(self.include))
@@ -174,6 +287,23 @@ class QuantConfig:
         if needs_g_idx and self.format in (Format.ORT, Format.QDQ):
             raise ConfigError(f"act_order without static groups needs g_idx, which format "
                               f"'{self.format.value}' cannot express; use --format custom")
+        for rule in self.layer_rules:  # each rule must give a valid config on its own
+            try:
+                dataclasses.replace(self, layer_rules=(), **rule.settings())
+            except ConfigError as exc:
+                raise ConfigError(f"layer_config {rule.pattern!r}: {exc}") from None
+
+    def for_layer(self, names: Iterable[str]) -> "QuantConfig":
+        """The config for a layer known by `names` (initializer, node and module names):
+        this one with every matching rule's settings applied in order, and no rules."""
+        names = list(names)
+        settings: dict[str, Any] = {}
+        for rule in self.layer_rules:
+            if any(re.search(rule.pattern, n) for n in names):
+                settings.update(rule.settings())
+        if not settings and not self.layer_rules:
+            return self
+        return dataclasses.replace(self, layer_rules=(), **settings)
 
     @property
     def layers(self) -> LayerFilter:
@@ -191,6 +321,7 @@ class QuantConfig:
         out["format"] = self.format.value
         out["include"] = list(self.include)
         out["exclude"] = list(self.exclude)
+        out["layer_rules"] = [r.to_dict() for r in self.layer_rules]
         return out
 
     @classmethod

@@ -58,7 +58,8 @@ class LayerQuantizer:
 
         hessian, rows = weight_hessian([t.activation.name for t in group.targets], stats)
         w = group.load()  # [K, N]; read from disk only now
-        result = solve(w.T, hessian, self.config, scale_dtype=scale_dtype(group.dtype),
+        config = self.config.for_layer(group.names)
+        result = solve(w.T, hessian, config, scale_dtype=scale_dtype(group.dtype),
                        device=self.device, name=group.name)
         return result, rows
 
@@ -95,18 +96,19 @@ class LayerQuantizer:
 
     def _rewrite_all(self, groups: list[WeightGroup], results: Iterable[tuple[SolveResult, int]]) -> None:
         for group, (result, rows) in zip(groups, results):
+            config = self.config.for_layer(group.names)
             with self.phase("pack+rewrite"):
-                fmt, why = rewrite.choose_format(self.config.format, result.qweight, group.dtype, group.name,
-                                                 self.config.accuracy_level)
+                fmt, why = rewrite.choose_format(config.format, result.qweight, group.dtype, group.name,
+                                                 config.accuracy_level)
                 if why:
                     self.report.format_notes.append(f"{group.name}: written as {fmt.value} ({why})")
                 rewrite.rewrite_group(self.model, group, result.qweight, fmt,
-                                      accuracy_level=self.config.accuracy_level, taken_names=self.taken,
+                                      accuracy_level=config.accuracy_level, taken_names=self.taken,
                                       store=self.store)
             k, n = group.shape
             self.report.layers.append(LayerRow(
                 name=group.name, module=group.targets[0].module, nodes=[t.name for t in group.targets],
-                shape=(k, n), bits=self.config.bits, group_size=result.qweight.group_size, format=fmt.value,
+                shape=(k, n), bits=config.bits, group_size=result.qweight.group_size, format=fmt.value,
                 damp=result.damp, error=result.error, rtn_error=result.rtn_error, seconds=result.seconds,
                 calibration_rows=rows))
             if self.bar is not None:

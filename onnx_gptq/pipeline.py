@@ -118,6 +118,7 @@ class GptqPass(ir.passes.InPlacePass):
         groups, skips = targets.find_targets(model, self.layers)
         report.skipped = [{"node": s.node, "reason": s.reason} for s in skips]
         if groups:
+            _check_rules_match(self.config, groups)
             return groups
         unmatched = [s.node for s in skips if s.reason == targets.NOT_INCLUDED]
         # Only when no weight matched an include pattern (then excluded, or the head, ...).
@@ -169,6 +170,17 @@ class GptqPass(ir.passes.InPlacePass):
                                                    progress=self.progress)
             quantizer(chunk, stats)
             del stats
+
+
+def _check_rules_match(config: QuantConfig, groups: list[targets.WeightGroup]) -> None:
+    """A layer rule that matches no quantized layer is a typo, not a no-op: say so."""
+    import re
+
+    for rule in config.layer_rules:
+        if not any(re.search(rule.pattern, n) for g in groups for n in g.names):
+            examples = ", ".join(repr(g.targets[0].module or g.name) for g in groups[:3])
+            raise ConfigError(f"layer_config {rule.pattern!r} matched no quantized layer (layers are named "
+                              f"like {examples}; -v lists the skipped ones)")
 
 
 def activation_widths(group: targets.WeightGroup) -> dict[str, int]:

@@ -105,6 +105,12 @@ class Report:
                 lines.append(f"written file read back: {self.verified_tensors} packed tensors bit-identical "
                              "to the solver's (the errors above are the file's)")
             lines.append("formats: " + ", ".join(f"{k} x{v}" for k, v in sorted(formats.items())))
+            grids: dict[str, int] = {}
+            for r in self.layers:
+                key = f"{r.bits}-bit g{r.group_size}"
+                grids[key] = grids.get(key, 0) + 1
+            if len(grids) > 1:
+                lines.append("mixed precision: " + ", ".join(f"{k} x{v}" for k, v in sorted(grids.items())))
         if self.size_before and self.size_after:
             lines.append(f"size: {_mib(self.size_before)} -> {_mib(self.size_after)} "
                          f"({100.0 * (1 - self.size_after / self.size_before):.1f}% smaller)")

@@ -96,6 +96,14 @@ class WeightGroup:
         return self.targets[0].dtype
 
     @property
+    def names(self) -> list[str]:
+        """What patterns match: the initializer's name, the nodes' names and their torch module paths."""
+        names = [self.source.name or ""]
+        for t in self.targets:
+            names.extend([t.name, *module_names(t.node)])
+        return names
+
+    @property
     def shape(self) -> tuple[int, int]:
         """(K, N) of the effective weight."""
         k, n = (int(d) for d in self.source.shape)  # type: ignore[union-attr]
@@ -289,10 +297,7 @@ def find_targets(model: ir.Model, layers: LayerFilter | QuantConfig) -> tuple[li
     selected: list[WeightGroup] = []
     for group in groups.values():
         group.is_head = any(_reaches_graph_output(t.node, graph) for t in group.targets)
-        names = [group.source.name or ""]
-        for t in group.targets:
-            names.extend([t.name, *module_names(t.node)])
-        reason = _selection_reason(group, names, layers)
+        reason = _selection_reason(group, group.names, layers)
         if reason is None:
             selected.append(group)
         else:
