@@ -44,14 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="onnx-gptq",
         description="GPTQ weight-only quantization of an ONNX model. "
                     "Also: 'onnx-gptq export --help', 'onnx-gptq eval --help'.")
-    parser.add_argument("model", type=Path, help="input .onnx model (never modified)")
-    parser.add_argument("-o", "--output", type=Path, help="output .onnx path (default: <model>.q<bits>.onnx)")
+    parser.add_argument("model", type=Path, help="input .onnx model, or a model folder (never modified)")
+    parser.add_argument("-o", "--output", type=Path,
+                        help="output .onnx path, or folder for a model folder (default: <model>.q<bits>.onnx; "
+                             "<folder>-q<bits> for a folder)")
     parser.add_argument("--version", action="version", version=f"onnx-gptq {__version__}")
 
     data = parser.add_argument_group("calibration")
     data.add_argument("--calib", help="text file (needs --tokenizer), .npy / .jsonl token ids, "
                                       "or 'self' to sample sequences from the model itself")
-    data.add_argument("--tokenizer", help="tokenizer.json, a transformers tokenizer directory, or a .gguf file")
+    data.add_argument("--tokenizer", help="tokenizer.json, a transformers tokenizer directory, or a .gguf file "
+                                          "(default: the model folder's)")
     data.add_argument("--num-samples", type=int, default=CALIB.num_samples,
                       help=f"sequences (default {CALIB.num_samples})")
     data.add_argument("--seq-len", type=int, default=CALIB.seq_len,
@@ -159,10 +162,11 @@ def _layer_rules(specs: list[str]) -> tuple[LayerRule, ...]:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
+    from onnx_gptq.model_folder import default_output
     from onnx_gptq.pipeline import quantize_with_report
 
     quant, calib = _configs(args)
-    output = args.output or args.model.with_name(f"{args.model.stem}.q{quant.bits}.onnx")
+    output = args.output or default_output(args.model, quant.bits)
     calibration = args.calib
     if calibration is not None and calibration != "self":
         calibration = Path(calibration)

@@ -202,7 +202,7 @@ def check_output_path(source: Path, output: Path, *, inputs: Sequence[Path] = ()
     """
     read = list(inputs) or [source]
     _check_writable_file(output, "output")
-    _refuse_inputs("output", output, source, read)
+    refuse_inputs("output", output, source, read)
     if report is None:
         return output
     check_report_path(report)
@@ -211,11 +211,11 @@ def check_output_path(source: Path, output: Path, *, inputs: Sequence[Path] = ()
     for what, path in written.items():
         if same_file(report, path):
             raise OutputError(f"report '{report}' is {what}; choose another path")
-    _refuse_inputs("report", report, source, read)
+    refuse_inputs("report", report, source, read)
     return output
 
 
-def _refuse_inputs(option: str, path: Path, source: Path, read: Sequence[Path]) -> None:
+def refuse_inputs(option: str, path: Path, source: Path, read: Sequence[Path]) -> None:
     """Raise OutputError when the written `path` is (or links to) one of the files the run reads."""
     for input_path in read:
         if input_path.exists() and same_file(path, input_path):

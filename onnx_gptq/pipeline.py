@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes
 
-from onnx_gptq import model_io, rewrite, targets
+from onnx_gptq import model_folder, model_io, rewrite, targets
 from onnx_gptq.calibrate import statistics
 from onnx_gptq.config import Algo, CalibConfig, Format, LayerFilter, QuantConfig
 from onnx_gptq.errors import ConfigError, ModelError, UserError
@@ -275,29 +275,12 @@ def quantize_with_report(model: ModelLike, calibration: Any = None, config: Quan
     if isinstance(model, (str, os.PathLike)):
         if output is None:
             raise ConfigError("output: a path is needed when the model is given as a path")
-        source = Path(model)
-        loaded, size_before = model_io.load(source)
-        inputs = model_io.input_files(source, loaded)
-        destination = model_io.check_output_path(source, Path(output), inputs=inputs,
-                                                 report=None if report is None else Path(report))
-        with model_io.staging_dir(destination) as staging:
-            # Packed weights go to disk as they are produced (bounded memory).
-            packed = model_io.PackedWeightFile(staging)
-            try:
-                loaded, run = quantize_model(loaded, _resolve_calibration(calibration, source, calib), config,
-                                             calib=calib, layers=layers, model_dir=source.parent,
-                                             tokenizer=tokenizer, jobs=jobs, device=device, progress=progress,
-                                             store=packed)
-            finally:
-                packed.close()
-            run.size_before = size_before
-            with PhaseTimer(run.phases)("save"):
-                # Read the written file back before it appears: it must hold exactly the
-                # packed bytes the solver's results were staged as (so the report's errors
-                # describe the file).
-                run.size_after = model_io.save_atomic(loaded, destination, staging, avoid=inputs,
-                                                      check=lambda written: _verify(packed, written, run))
-        result: ModelLike = destination
+        folder = model_folder.resolve(model)
+        result: ModelLike
+        result, run = _quantize_path(folder, Path(output), calibration, config, calib=calib, layers=layers,
+                                     tokenizer=tokenizer if tokenizer is not None else folder.tokenizer,
+                                     report=None if report is None else Path(report), jobs=jobs, device=device,
+                                     progress=progress)
     elif isinstance(model, onnx.ModelProto):
         if report is not None:
             model_io.check_report_path(Path(report))
@@ -345,6 +328,51 @@ def quantize(model: ModelLike, calibration: Any = None, config: QuantConfig | No
     """
     return quantize_with_report(model, calibration, config, calib=calib, output=output, tokenizer=tokenizer,
                                 report=report, jobs=jobs, device=device, progress=progress, layers=layers)[0]
+
+
+def _quantize_path(folder: model_folder.ModelFolder, output: Path, calibration: Any, config: QuantConfig, *,
+                   calib: CalibConfig, layers: LayerFilter | None, tokenizer: str | os.PathLike | None,
+                   report: Path | None, jobs: int, device: str | None, progress: bool) -> tuple[Path, Report]:
+    """Quantize the model file of `folder` into `output`: a file, or a complete folder (`model_folder.writes_folder`).
+
+    Returns:
+        The output path and the run's report.
+    """
+    source = folder.model
+    loaded, size_before = model_io.load(source)
+    inputs = model_io.input_files(source, loaded)
+    as_folder = model_folder.writes_folder(folder, output)
+    if as_folder:
+        model_folder.check_output_folder(folder, output, report=report)
+        if report is not None:
+            model_io.refuse_inputs("report", model_io.check_report_path(report), source, inputs)
+    else:
+        model_io.check_output_path(source, output, inputs=inputs, report=report)
+    with model_io.staging_dir(output) as staging:
+        destination = output
+        if as_folder:
+            (staging / "folder").mkdir()
+            destination = staging / "folder" / source.name
+        # Packed weights go to disk as they are produced (bounded memory).
+        packed = model_io.PackedWeightFile(staging)
+        try:
+            loaded, run = quantize_model(loaded, _resolve_calibration(calibration, source, calib), config,
+                                         calib=calib, layers=layers, model_dir=source.parent,
+                                         tokenizer=tokenizer, jobs=jobs, device=device, progress=progress,
+                                         store=packed)
+        finally:
+            packed.close()
+        run.size_before = size_before
+        with PhaseTimer(run.phases)("save"):
+            # Read the written file back before it appears: it must hold exactly the
+            # packed bytes the solver's results were staged as (so the report's errors
+            # describe the file).
+            run.size_after = model_io.save_atomic(loaded, destination, staging, avoid=inputs,
+                                                  check=lambda written: _verify(packed, written, run))
+            if as_folder:
+                custom = any(node.domain == rewrite.CUSTOM_DOMAIN for node in loaded.graph)
+                model_folder.write_folder(folder, destination.parent, output, inputs=inputs, custom_ops=custom)
+    return output, run
 
 
 def _verify(packed: model_io.PackedWeightFile, written: Path, run: Report) -> None:

@@ -155,7 +155,8 @@ def make_batches(source: Any, model: ir.Model | onnx.ModelProto, config: CalibCo
             directory or .gguf (read by ``onnx_gptq.tokenizer.load_tokenizer``),
             a loaded ``tokenizers``/transformers tokenizer, or any object with
             ``encode(text) -> list[int]``.
-        model_dir: the model's folder; its config.json tells the model kind.
+        model_dir: the model's folder; its config.json tells the model kind, its
+            genai_config.json the past key/value sizes and the context length.
 
     Returns:
         One dict (input name -> array) per run; token-id batches are int
@@ -170,7 +171,7 @@ def make_batches(source: Any, model: ir.Model | onnx.ModelProto, config: CalibCo
     data = read_source(source)
     if isinstance(data, Feeds):
         return _feeds_as_given(data, model)
-    inputs = ModelInputs.from_model(model)
+    inputs = ModelInputs.from_model(model, folder=model_dir)
     if inputs.input_ids is None:
         names = ", ".join(s.name for s in inputs.others)
         raise CalibrationError(f"the model has no 'input_ids' input (inputs: {names}); "

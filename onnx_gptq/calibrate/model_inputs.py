@@ -10,18 +10,22 @@ table's length (``seq_len`` is clipped to it) from the graph.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnx_gptq.calibrate import past_shapes
 from onnx_gptq.errors import CalibrationError
 
 _BATCH_DIM = re.compile(r"batch", re.IGNORECASE)
-_SEQ_DIM = re.compile(r"past|seq|len|cache|total", re.IGNORECASE)
+# Not "cache": the model builder's head dimension is "kv_cache_dim".
+_SEQ_DIM = re.compile(r"past|seq|len|total", re.IGNORECASE)
 # Where batch and sequence sit in a past key/value whose dims are not named
 # usefully, by rank: [batch, heads, seq, head_dim] and GPT-2's [2, batch, heads, seq, head_dim].
 _PAST_LAYOUT = {4: (0, 2), 5: (1, 3)}
@@ -84,7 +88,8 @@ class ModelInputs:
     max_positions: int | None = None
 
     @classmethod
-    def from_model(cls, model: ir.Model | onnx.ModelProto, *, check_fillable: bool = True) -> "ModelInputs":
+    def from_model(cls, model: ir.Model | onnx.ModelProto, *, check_fillable: bool = True,
+                   folder: str | os.PathLike[str] | None = None) -> "ModelInputs":
         """Read and classify the model's graph inputs.
 
         Args:
@@ -92,15 +97,24 @@ class ModelInputs:
                 data need not be loaded, and no tensor is read).
             check_fillable: raise for an input `feeds` cannot derive (only
                 checked when the model has an input_ids input).
+            folder: the model's folder: its ``genai_config.json`` gives past
+                key/value sizes the graph leaves symbolic (see `past_shapes`)
+                and the context length (``seq_len`` is clipped to it).
 
         Raises:
             CalibrationError: an input is neither input_ids nor one that can be
-                filled automatically; the message names it.
+                filled automatically (a past key/value whose sizes cannot be
+                derived included); the message names it.
+            ModelError: the folder's genai_config.json disagrees with the graph.
         """
         if isinstance(model, onnx.ModelProto):
             model = ir.serde.deserialize_model(model)
         graph = _Graph(model.graph)
-        specs = [InputSpec.from_value(v) for v in model.graph.inputs if v.name not in graph.inits]
+        genai, origin = _genai_config(folder)
+        decoder = (genai or {}).get("model", {}).get("decoder") if genai else None
+        known = past_shapes.past_dims(model.graph, decoder, origin)
+        specs = [_with_past_dims(InputSpec.from_value(v), known.get(v.name or ""))
+                 for v in model.graph.inputs if v.name not in graph.inits]
         ids = next((s for s in specs if s.name == "input_ids"), None)
         others = tuple(s for s in specs if s is not ids)
         if check_fillable and ids is not None:
@@ -115,7 +129,11 @@ class ModelInputs:
                 static_batch = ids.dims[0]
             if isinstance(ids.dims[1], int) and ids.dims[1] > 0:
                 static_seq = ids.dims[1]
-        return cls(ids, others, _vocab_size(graph), static_seq, static_batch, _max_positions(graph))
+        max_positions = _max_positions(graph)
+        context = (genai or {}).get("model", {}).get("context_length") if genai else None
+        if isinstance(context, int) and not isinstance(context, bool) and context > 0:
+            max_positions = context if max_positions is None else min(max_positions, context)
+        return cls(ids, others, _vocab_size(graph), static_seq, static_batch, max_positions)
 
     def feeds(self, input_ids: np.ndarray, given: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """A complete feed dict for one run.
@@ -165,6 +183,33 @@ def _filler(spec: InputSpec) -> Any:
                            "for calibration; pass feeds as dicts that include it")
 
 
+def _genai_config(folder: str | os.PathLike[str] | None) -> tuple[dict[str, Any] | None, str]:
+    """The folder's genai_config.json (None when it has none) and its path for messages."""
+    from onnx_gptq.model_folder import read_genai_config  # lazy: model_folder imports calibrate
+
+    if folder is None:
+        return None, "genai_config.json"
+    return read_genai_config(Path(folder)), str(Path(folder) / "genai_config.json")
+
+
+def _with_past_dims(spec: InputSpec, dims: past_shapes.PastDims | None) -> InputSpec:
+    """`spec` with the symbolic heads and head-size dims of a past key/value made static from `dims`."""
+    axes = past_shapes.FEATURE_AXES.get(len(spec.dims))
+    if dims is None or axes is None:
+        return spec
+    filled = list(spec.dims)
+    for axis, size in zip(axes, (dims.kv_heads, dims.head_size)):
+        named = filled[axis]
+        is_feature = not (isinstance(named, str) and (_BATCH_DIM.search(named) or _SEQ_DIM.search(named)))
+        if size is not None and not isinstance(named, int) and is_feature:
+            filled[axis] = size
+    return dataclasses.replace(spec, dims=tuple(filled))
+
+
+_FEATURE_NAMES = {0: "key/value heads (genai_config.json model.decoder.num_key_value_heads)",
+                  1: "head size (genai_config.json model.decoder.head_size)"}
+
+
 def _past_roles(spec: InputSpec) -> list[int | str]:
     """Per dim of an empty past key/value: a static size, "batch" or "seq"."""
     layout = _PAST_LAYOUT.get(len(spec.dims))
@@ -180,6 +225,11 @@ def _past_roles(spec: InputSpec) -> list[int | str]:
             roles.append("batch")
         elif layout is not None and axis == layout[1]:
             roles.append("seq")
+        elif axis in past_shapes.FEATURE_AXES.get(len(spec.dims), ()):
+            which = _FEATURE_NAMES[past_shapes.FEATURE_AXES[len(spec.dims)].index(axis)]
+            raise CalibrationError(f"model input '{spec.name}' (shape {list(spec.dims)}): dimension {axis} is the "
+                                   f"{which}, which is missing: neither the model's folder nor its graph (a static "
+                                   "present output, the attention node) gives it")
         else:
             raise CalibrationError(f"model input '{spec.name}' (shape {list(spec.dims)}): cannot tell the size "
                                    f"of dimension {axis} of an empty past key/value; pass feeds as dicts")

@@ -236,11 +236,11 @@ def evaluate(model: str | os.PathLike[str], text: str | os.PathLike[str] | Seque
     """Perplexity of `model` on `text`, and its fidelity to `reference`, via onnxruntime.
 
     Args:
-        model: the .onnx model to score (quantized or not).
+        model: the .onnx model to score (quantized or not), or its model folder.
         text: a text file path, or a sequence of documents (strings).
         tokenizer: tokenizer.json, a tokenizer directory, a .gguf file, or a
-            loaded tokenizer (anything with ``encode``).
-        reference: the float .onnx model; adds mean KL(reference || model) and
+            loaded tokenizer (anything with ``encode``); None: the model folder's.
+        reference: the float .onnx model (or folder); adds mean KL(reference || model) and
             top-1 agreement on the same windows.
         seq_len: tokens per window.
         max_windows: evaluate only the first this many windows.
@@ -251,6 +251,13 @@ def evaluate(model: str | os.PathLike[str], text: str | os.PathLike[str] | Seque
     Returns:
         An :class:`EvalResult`.
     """
+    if tokenizer is None:
+        from onnx_gptq.model_folder import resolve
+
+        tokenizer = resolve(model).tokenizer
+        if tokenizer is None:
+            raise UserError(f"tokenizer: none given and '{model}' has no tokenizer.json or tokenizer folder "
+                            "beside it; pass --tokenizer")
     windows = text_windows(text, tokenizer, seq_len, max_windows)
     logger.info("evaluating %s on %d windows of %d tokens", model, len(windows), seq_len)
     return evaluate_ids(model, windows, reference=reference, batch_size=batch_size,
@@ -259,12 +266,12 @@ def evaluate(model: str | os.PathLike[str], text: str | os.PathLike[str] | Seque
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the ``onnx-gptq eval`` arguments to `parser`."""
-    parser.add_argument("model", help="the .onnx model to evaluate")
+    parser.add_argument("model", help="the .onnx model (or model folder) to evaluate")
     parser.add_argument("--text", required=True, help="UTF-8 text file to compute perplexity on")
-    parser.add_argument("--tokenizer", required=True,
-                        help="tokenizer.json, a tokenizer directory, or a .gguf file")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json, a tokenizer directory, or a .gguf file (default: the model folder's)")
     parser.add_argument("--reference", default=None,
-                        help="float .onnx model: also report KL divergence and top-1 agreement")
+                        help="float .onnx model or folder: also report KL divergence and top-1 agreement")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--max-windows", type=int, default=None,
                         help="evaluate only the first N windows")

@@ -58,16 +58,24 @@ class LogitsRunner:
 
     Inputs other than ``input_ids`` (attention mask, position ids, empty past
     key/values) are derived by :class:`onnx_gptq.calibrate.ModelInputs`.
+
+    Args:
+        path: an .onnx file or a model folder (see `onnx_gptq.model_folder.resolve`;
+            its genai_config.json gives past key/value sizes the graph leaves symbolic).
+        providers: onnxruntime execution providers.
+        custom_ops: register our custom-op library when the model needs it.
     """
 
     def __init__(self, path: Path, providers: Sequence[str], custom_ops: bool) -> None:
         import onnx
 
         from onnx_gptq.calibrate import ModelInputs
+        from onnx_gptq.model_folder import resolve
 
-        self.path = path
+        folder = resolve(path)
+        self.path = path = folder.model
         self.session = open_session(path, providers=providers, custom_ops=custom_ops)
-        self.inputs = ModelInputs.from_model(onnx.load(str(path), load_external_data=False))
+        self.inputs = ModelInputs.from_model(onnx.load(str(path), load_external_data=False), folder=folder.folder)
         if self.inputs.input_ids is None:
             raise ModelError(f"model: {path} has no 'input_ids' input")
         outputs = [o.name for o in self.session.get_outputs()]
