@@ -141,4 +141,4 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "onnx_gptq.cli", str(tmp_path / "missing.onnx"), "--algo", "rtn",
                            "-o", str(tmp_path / "o.onnx")], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"onnx-gptq: error: model file '{tmp_path / 'missing.onnx'}' does not exist"
+    assert proc.stderr.strip() == f"onnx-gptq: error: model '{tmp_path / 'missing.onnx'}' does not exist"
