@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "else our custom op")
     quant.add_argument("--accuracy-level", type=int, default=QUANT.accuracy_level,
                        help=f"accuracy_level of MatMulNBits and GptqMatMul nodes (default {QUANT.accuracy_level}: "
-                            "fp32 math; 4: int8 activations on CPU; --format auto compares the ops at this level)")
+                            "int8 activations on CPU; 0: fp32 math; --format auto compares the ops at this level)")
 
     which = parser.add_argument_group("which layers")
     which.add_argument("--include", action="append", default=[], metavar="REGEX",

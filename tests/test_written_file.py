@@ -102,10 +102,11 @@ def run_file(path: Path) -> np.ndarray:
 def _run_entry(entry: str, source: Path, output: Path, calib: Path, fmt: str, bits: int, extra: list[str]) -> None:
     if entry == "cli":
         argv = [str(source), "-o", str(output), "--calib", str(calib), "--num-samples", "4", "--seq-len", "8",
-                "--format", fmt, "--bits", str(bits), "--group-size", str(GROUP), "--quantize-head", "-q", *extra]
+                "--format", fmt, "--bits", str(bits), "--group-size", str(GROUP), "--quantize-head", "-q",
+                "--accuracy-level", "0", *extra]  # fp32 math: outputs compared with the reference
         assert cli.main(argv) == 0
     else:
-        config = QuantConfig(bits=bits, group_size=GROUP, format=fmt, quantize_head=True,
+        config = QuantConfig(bits=bits, group_size=GROUP, format=fmt, quantize_head=True, accuracy_level=0,
                              static_groups="--dynamic-groups" not in extra)
         quantize(source, str(calib), config, calib=CalibConfig(num_samples=4, seq_len=8), output=output)
 
@@ -153,7 +154,7 @@ def test_symmetric_and_per_channel_weights_are_written_as_solved(tmp_path, calib
                                                                   sym, group_size):
     source, output = tmp_path / "model.onnx", tmp_path / "q.onnx"
     weights = tiny_model(source, np.float16)
-    config = QuantConfig(bits=bits, group_size=group_size, sym=sym, format=fmt, quantize_head=True)
+    config = QuantConfig(bits=bits, group_size=group_size, sym=sym, format=fmt, quantize_head=True, accuracy_level=0)
     quantize(source, str(calib_file), config, calib=CalibConfig(num_samples=4, seq_len=8), output=output)
     written = read_back(output)
     assert sorted(written) == ["W1", "W2"]
@@ -210,7 +211,7 @@ def test_denormal_group_gets_a_finite_normal_scale(act_order, scale_dtype):
     W = _denormal_row_weight()
     X = np.random.default_rng(4).normal(0, 1, (256, 64))
     H = 2 * X.T @ X / len(X)
-    config = QuantConfig(bits=4, group_size=GROUP, act_order=act_order)
+    config = QuantConfig(bits=4, group_size=GROUP, act_order=act_order, accuracy_level=0)
     qw = solve(W, H, config, scale_dtype=scale_dtype, device="cpu").qweight
     scales = qw.scales.astype(np.float32)
     assert np.isfinite(scales).all()
