@@ -108,7 +108,7 @@ def test_text_windows_and_evaluate(second_llama: Path, char_tokenizer: Path, tmp
 
 
 def test_clear_errors(second_llama: Path, char_tokenizer: Path, tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="missing.onnx does not exist"):
+    with pytest.raises(ModelError, match="missing.onnx' does not exist"):
         ev.evaluate_ids(tmp_path / "missing.onnx", np.zeros((1, 4), np.int64))
     with pytest.raises(ModelError, match="not a readable ONNX file"):
         (tmp_path / "junk.onnx").write_bytes(b"\x00not onnx")
