@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes
 
-from onnx_gptq import model_folder, model_io, rewrite, targets
+from onnx_gptq import embedding, model_folder, model_io, rewrite, targets
 from onnx_gptq.calibrate import statistics
 from onnx_gptq.config import Algo, CalibConfig, Format, LayerFilter, QuantConfig
 from onnx_gptq.errors import ConfigError, ModelError, UserError
@@ -102,12 +102,17 @@ class GptqPass(ir.passes.InPlacePass):
                 quantizer(groups, {})  # round to nearest: no statistics
         finally:
             quantizer.close()
+        if self.config.embedding_bits is not None:
+            with phase("embedding"):  # after the head: a tied table may read its packed codes
+                embedding.quantize_embeddings(model, self.config, quantizer.heads, report, taken=quantizer.taken,
+                                              store=self.store, device=self.device)
         with phase("pack+rewrite"):
             rewrite.remove_unused(model)
         self._written = quantizer.taken
         for note in report.format_notes:
             logger.debug("%s", note)
-        return GptqResult(model, modified=bool(report.layers), report=report)
+        return GptqResult(model, modified=bool(report.layers or report.embeddings),
+                           report=report)
 
     def ensures(self, model: ir.Model) -> None:
         """Nothing to be written holds NaN or Inf (NonFiniteError naming the tensor)."""
