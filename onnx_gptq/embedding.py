@@ -2,12 +2,13 @@
 
 Runs after the MatMul/Gemm weights are rewritten (stage 5), before unused
 initializers are dropped. A `Gather` (axis 0) whose data is a constant float
-table [V, H] (possibly through `Cast`/`Identity`) is replaced by
+table [V, H] (possibly through `Transpose`/`Cast`/`Identity`) is replaced by
 `GatherBlockQuantized(data, indices, scales[, zero_points])` with uint8 data,
 `gather_axis` 0, `quantize_axis` 1, `block_size` the group size along H:
 
 * **shared** (a tied embedding: the output head's weight is this table,
-  transposed, and the head was written as MatMulNBits with the same bits and
+  transposed: one initializer read by both, as torch.onnx and the onnxruntime-genai
+  builder write tied models), and the head was written as MatMulNBits with the same bits and
   block): the op reads the head's own B (reshaped to [V, padded_H * bits / 8])
   and scales (and zero points), so the table is stored once, with the head's
   GPTQ codes; a `Slice` keeps the first H columns when H is not a multiple of
@@ -38,8 +39,6 @@ logger = logging.getLogger(__name__)
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _INDEX_TYPES = (ir.DataType.INT32, ir.DataType.INT64)
-#: A head whose weight is the table seen through one Transpose.
-_TIED_HEAD_STEPS = (("Transpose", None),)
 
 
 @dataclasses.dataclass
@@ -85,8 +84,6 @@ def _gather_table(node: ir.Node) -> tuple[ir.Value, tuple[tuple[str, object], ..
     tensor = const_tensor(source)
     if tensor is None or len(tensor.shape) != 2 or tensor.dtype not in _FLOAT_TYPES:
         return "its data is not a 2-D float table"
-    if any(op == "Transpose" for op, _ in steps):
-        return "its table is transposed"
     indices = node.inputs[1]
     if indices is not None and indices.dtype is not None and indices.dtype not in _INDEX_TYPES:
         return f"indices of dtype {indices.dtype}"
@@ -123,8 +120,8 @@ def _shared_head(embedding: Embedding, config: QuantConfig,
                  heads: dict[int, tuple[WeightGroup, WrittenWeight]]) -> tuple[WrittenWeight | None, str]:
     """The head's packed weight this table can read (or None), and a note saying why (not)."""
     entry = heads.get(id(embedding.table.source))
-    if entry is None or entry[0].steps != _TIED_HEAD_STEPS or embedding.table.steps:
-        return None, "not tied to a quantized head"
+    if entry is None or not _transposed_views(entry[0].steps, embedding.table.steps):
+        return None, "stored on its own (no quantized head has this table as its weight)"
     group, written = entry
     if not config.shared_embedding:
         return None, "tied, stored twice (shared_embedding off)"
@@ -137,6 +134,14 @@ def _shared_head(embedding: Embedding, config: QuantConfig,
     if group.dtype != embedding.dtype:
         return None, f"tied, stored twice (head computes in {group.dtype}, the table is {embedding.dtype})"
     return written, f"shared with the head '{group.name}' (its GPTQ codes)"
+
+
+def _transposed_views(head: tuple[tuple[str, object], ...], table: tuple[tuple[str, object], ...]) -> bool:
+    """Whether the head's weight [H, V] is the table [V, H] transposed: one more (or one fewer)
+    Transpose on the way from their common source, and the same Casts."""
+    transposes = lambda steps: sum(op == "Transpose" for op, _ in steps)  # noqa: E731
+    casts = lambda steps: [s for s in steps if s[0] != "Transpose"]  # noqa: E731
+    return (transposes(head) - transposes(table)) % 2 == 1 and casts(head) == casts(table)
 
 
 def _reshaped(graph: ir.Graph, before: ir.Node, value: ir.Value, shape: list[int],

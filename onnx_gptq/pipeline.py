@@ -96,7 +96,7 @@ class GptqPass(ir.passes.InPlacePass):
         quantizer = LayerQuantizer(model, self.config, report, phase, self.jobs, self.device, self.progress,
                                    total=len(groups), store=self.store)
         try:
-            if self.config.algo is Algo.GPTQ:
+            if self.config.algo is Algo.GPTQ and groups:
                 self._calibrate_and_solve(model, groups, quantizer, phase, calib)
             else:
                 quantizer(groups, {})  # round to nearest: no statistics
@@ -125,6 +125,8 @@ class GptqPass(ir.passes.InPlacePass):
         if groups:
             _check_rules_match(self.config, groups)
             return groups
+        if self.config.embedding_bits is not None and embedding.find_embeddings(model):
+            return []  # only the embedding table to quantize (e.g. a model whose MatMuls already are)
         unmatched = [s.node for s in skips if s.reason == targets.NOT_INCLUDED]
         # Only when no weight matched an include pattern (then excluded, or the head, ...).
         others = [s for s in skips if s.reason.startswith(targets.SELECTION_REASONS)]
