@@ -31,6 +31,7 @@ import onnx_ir as ir
 from onnx_gptq import contract, pack
 from onnx_gptq.config import Algo, Format, QuantConfig
 from onnx_gptq.layer_quantizer import scale_dtype
+from onnx_gptq.qweight import QuantizedWeight
 from onnx_gptq.report import Report
 from onnx_gptq.rewrite import InitializerBuilder, TensorStore, WrittenWeight, in_memory, replace_output
 from onnx_gptq.targets import WeightGroup, const_tensor, trace_weight
@@ -247,4 +248,43 @@ def _replace_gather(graph: ir.Graph, node: ir.Node, inputs: list[ir.Value | None
     graph.remove(node, safe=True)
 
 
-__all__ = ["Embedding", "find_embeddings", "quantize_embeddings"]
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    """A constant input seen through the Reshapes the shared form adds (None when absent)."""
+    if value is None:
+        return None
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Reshape":
+        array, shape = _constant(producer.inputs[0]), _constant(producer.inputs[1])
+        assert array is not None and shape is not None, f"Reshape '{producer.name}' of a non-constant"
+        return array.reshape(shape)
+    tensor = const_tensor(value)
+    assert tensor is not None, f"'{value.name}' is not a constant"
+    return tensor.numpy()
+
+
+def read_embeddings(model: ir.Model) -> dict[str, QuantizedWeight]:
+    """The tables held by a model's GatherBlockQuantized nodes (the inverse of `quantize_embeddings`).
+
+    Args:
+        model: a model with GatherBlockQuantized nodes (uint8 data, quantize_axis 1).
+    Returns:
+        Node name -> the table [V, H] (H: the Slice after the node, else the op's row width).
+    """
+    found: dict[str, QuantizedWeight] = {}
+    for node in model.graph:
+        if (node.domain, node.op_type) != (contract.ORT_DOMAIN, contract.GATHER_OP_TYPE):
+            continue
+        data, scales = _constant(node.inputs[0]), _constant(node.inputs[2])
+        zero_points = _constant(node.inputs[3]) if len(node.inputs) > 3 else None
+        bits, block = node.attributes.get_int("bits", 4), node.attributes.get_int("block_size", 128)
+        assert data is not None and scales is not None
+        h = data.shape[1] * 8 // bits
+        for consumer in node.outputs[0].consumers():
+            if consumer.op_type == "Slice":
+                h = int(_constant(consumer.inputs[2])[0])  # type: ignore[index]
+        t = pack.GatherTensors(data=data, scales=scales, zero_points=zero_points, H=h, bits=bits, block_size=block)
+        found[node.name] = pack.unpack_gather(t, min(block, h))
+    return found
+
+
+__all__ = ["Embedding", "find_embeddings", "quantize_embeddings", "read_embeddings"]
