@@ -1,8 +1,8 @@
 """The token embedding stage: a Gather of a constant table becomes com.microsoft.GatherBlockQuantized.
 
 Runs after the MatMul/Gemm weights are rewritten (stage 5), before unused
-initializers are dropped. A `Gather` (axis 0) whose data is a constant float
-table [V, H] (possibly through `Transpose`/`Cast`/`Identity`) is replaced by
+initializers are dropped. A `Gather` (axis 0) of the `input_ids` (through
+Cast/Reshape/...) whose data is a constant float table [V, H] (possibly through `Transpose`/`Cast`/`Identity`) is replaced by
 `GatherBlockQuantized(data, indices, scales[, zero_points])` with uint8 data,
 `gather_axis` 0, `quantize_axis` 1, `block_size` the group size along H:
 
@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 _INDEX_TYPES = (ir.DataType.INT32, ir.DataType.INT64)
+#: The token ids input, and the ops between it and the embedding Gather that keep its values.
+TOKEN_IDS = "input_ids"
+_ID_PASSTHROUGH = ("Cast", "Identity", "Reshape", "Unsqueeze", "Squeeze", "Flatten")
 
 
 @dataclasses.dataclass
@@ -74,10 +77,25 @@ class Embedding:
         return dtype
 
 
+def _reads_token_ids(value: ir.Value | None) -> bool:
+    """Whether `value` is the graph's token ids (through value-keeping ops): position tables,
+    rotary caches and other constant lookups are not embeddings and stay float."""
+    while value is not None:
+        if value.is_graph_input():
+            return value.name == TOKEN_IDS
+        producer = value.producer()
+        if producer is None or producer.op_type not in _ID_PASSTHROUGH or not producer.inputs:
+            return False
+        value = producer.inputs[0]
+    return False
+
+
 def _gather_table(node: ir.Node) -> tuple[ir.Value, tuple[tuple[str, object], ...]] | str:
     """The constant table a Gather reads (source, steps), or why it is not one."""
     if node.attributes.get_int("axis", 0) not in (0, -2) or len(node.inputs) != 2 or node.inputs[0] is None:
         return "not a row gather (axis 0) of a table"
+    if not _reads_token_ids(node.inputs[1]):
+        return f"its indices are not the '{TOKEN_IDS}' input"
     traced = trace_weight(node.inputs[0])
     if isinstance(traced, str):
         return traced
@@ -94,7 +112,7 @@ def _gather_table(node: ir.Node) -> tuple[ir.Value, tuple[tuple[str, object], ..
 
 
 def find_embeddings(model: ir.Model) -> list[Embedding]:
-    """The main graph's Gathers of constant float tables [V, H], grouped by table, in graph order."""
+    """The main graph's Gathers of constant float tables [V, H] by the token ids, grouped by table, in graph order."""
     found: dict[tuple, Embedding] = {}
     for node in model.graph:
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):

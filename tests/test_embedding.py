@@ -27,18 +27,26 @@ def _table(h: int, seed: int = 0) -> np.ndarray:
     return (rng.standard_normal((V, h)) * 0.05).astype(np.float32)
 
 
-def _embedding_model(table: np.ndarray, *, tied: bool = False) -> onnx.ModelProto:
-    """ids -> Gather(table) -> emb; when `tied`, also x -> MatMul(x, Transpose(table)) -> logits."""
+def _embedding_model(table: np.ndarray, *, tied: bool = False, builder_layout: bool = False) -> onnx.ModelProto:
+    """input_ids -> Gather(table) -> emb; when `tied`, also x -> MatMul(x, table^T) -> logits.
+
+    The table is one initializer: [V, H] with the head reading it through a Transpose (torch.onnx's
+    layout), or with `builder_layout` the head's [H, V] weight, read by the Gather through a
+    Transpose (onnxruntime-genai's builder).
+    """
     h = table.shape[1]
-    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed_tokens")]
-    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])]
+    stored = np.ascontiguousarray(table.T if builder_layout else table)
+    nodes = [helper.make_node("Transpose", ["stored"], ["transposed"], perm=[1, 0], name="tie"),
+             helper.make_node("Gather", ["transposed" if builder_layout else "stored", "input_ids"], ["emb"],
+                              name="embed_tokens")]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])]
     outputs = [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["b", "s", h])]
     if tied:
-        nodes += [helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0], name="tie"),
-                  helper.make_node("MatMul", ["x", "table_t"], ["logits"], name="lm_head")]
+        nodes.append(helper.make_node("MatMul", ["x", "stored" if builder_layout else "transposed"], ["logits"],
+                                      name="lm_head"))
         inputs.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", h]))
         outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["m", V]))
-    graph = helper.make_graph(nodes, "g", inputs, outputs, [onnx.numpy_helper.from_array(table, "table")])
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [onnx.numpy_helper.from_array(stored, "stored")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
@@ -76,12 +84,30 @@ def test_gather_rows_equal_the_dequantized_table(bits: int, h: int, sym: bool) -
     np.testing.assert_array_equal(read.codes, expected.codes)
     np.testing.assert_array_equal(read.scales, expected.scales)
     np.testing.assert_array_equal(read.zeros, expected.zeros)
-    (emb,) = _run(quantized, ids=IDS)
+    (emb,) = _run(quantized, input_ids=IDS)
     assert emb.shape == (*IDS.shape, h)
     np.testing.assert_array_equal(emb, expected.dequantize()[IDS])  # exact: (code - zero) * scale in fp32
     step = np.abs(table).max() / (2 ** (bits - 1) - 1)
     assert np.abs(emb - table[IDS]).max() <= step  # and close to the float rows
     assert report.embeddings[0]["shared"] is False and report.embeddings[0]["bits"] == bits
+
+
+def test_other_constant_lookups_stay_float() -> None:
+    """A table indexed by anything but input_ids (positions, rotary caches) is not the embedding."""
+    model = _embedding_model(_table(32))
+    model.graph.input[0].name = "position_ids"
+    model.graph.node[1].input[1] = "position_ids"
+    with pytest.raises(Exception, match="nothing to quantize"):
+        _quantize(model, QuantConfig(algo="rtn", group_size=16, embedding_bits=4))
+
+
+def test_vocabulary_is_read_through_the_quantized_gather() -> None:
+    from onnx_gptq.calibrate.model_inputs import ModelInputs
+
+    for tied in (False, True):
+        config = QuantConfig(algo="rtn", group_size=16, head_bits=4 if tied else None, embedding_bits=4)
+        quantized, _ = _quantize(_embedding_model(_table(32), tied=tied), config)
+        assert ModelInputs.from_model(quantized, check_fillable=False).vocab_size == V
 
 
 def test_pack_gather_round_trip_is_bit_exact() -> None:
@@ -94,10 +120,11 @@ def test_pack_gather_round_trip_is_bit_exact() -> None:
 
 @pytest.mark.parametrize("h", [64, 40])  # 40: the head's B is padded to 48 columns, so a Slice follows
 @pytest.mark.parametrize("bits", [4, 8])
-def test_tied_table_is_stored_once_and_both_consumers_are_exact(h: int, bits: int) -> None:
+@pytest.mark.parametrize("builder_layout", [False, True])
+def test_tied_table_is_stored_once_and_both_consumers_are_exact(h: int, bits: int, builder_layout: bool) -> None:
     table = _table(h, seed=1)
     config = QuantConfig(algo="rtn", group_size=16, head_bits=bits, embedding_bits=bits, accuracy_level=0)
-    quantized, report = _quantize(_embedding_model(table, tied=True), config)
+    quantized, report = _quantize(_embedding_model(table, tied=True, builder_layout=builder_layout), config)
     nodes = {n.op_type: n for n in quantized.graph.node}
     head, gather = nodes["MatMulNBits"], nodes["GatherBlockQuantized"]
     uint8 = [i for i in quantized.graph.initializer if i.data_type == TensorProto.UINT8]
@@ -113,7 +140,7 @@ def test_tied_table_is_stored_once_and_both_consumers_are_exact(h: int, bits: in
     (qw,) = read_packed(ir.serde.deserialize_model(quantized)).values()  # the head's codes: [V, H]
     np.testing.assert_array_equal(_only_table(quantized), qw.dequantize())
     x = np.random.default_rng(2).standard_normal((3, h)).astype(np.float32)
-    emb, logits = _run(quantized, ids=IDS, x=x)
+    emb, logits = _run(quantized, input_ids=IDS, x=x)
     np.testing.assert_array_equal(emb, qw.dequantize()[IDS])
     np.testing.assert_allclose(logits, x @ qw.dequantize().T, rtol=1e-5, atol=1e-5)
 
@@ -128,7 +155,7 @@ def test_tied_table_with_other_grids_is_stored_twice() -> None:
         row = report.embeddings[0]
         assert row["shared"] is False and why in row["storage"]
         expected = solve(table, None, QuantConfig(algo="rtn", bits=4, group_size=16, act_order=False)).qweight
-        (emb, _) = _run(quantized, ids=IDS, x=np.zeros((1, 64), np.float32)) if "custom" not in why else (None, None)
+        (emb, _) = _run(quantized, input_ids=IDS, x=np.zeros((1, 64), np.float32)) if "custom" not in why else (None, None)
         if emb is not None:
             np.testing.assert_array_equal(emb, expected.dequantize()[IDS])
 
