@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
           f"perplexity on {args.windows} x 512 tokens")
     print("| model | perplexity | file MB | quantization s |")
     print("|---|---|---|---|")
-    score("fp32", setup.reference, None)
+    if not args.reuse_body:
+        score("fp32", setup.reference, None)
     body = work / f"body_w4_{args.calib_samples}.onnx"
     t = time.time()
     if not (args.reuse_body and body.exists()):
