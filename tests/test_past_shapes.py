@@ -44,8 +44,18 @@ def _lm(nodes: list, inits: list, past_dims_: list, present_dims: list | None = 
 
 
 def opaque_past_model() -> onnx.ModelProto:
-    """A past input whose head size nothing gives: symbolic, no config, no attention node, no static present."""
-    return _lm([], [], ["batch_size", 2, "past_sequence_length", "head_dim"])
+    """A past input whose head size nothing gives: symbolic, no config, no attention node, no static present.
+
+    One hidden layer (``mlp``) for the CLI to quantize.
+    """
+    weight = numpy_helper.from_array(np.random.default_rng(2).standard_normal((HIDDEN, HIDDEN)).astype(np.float32),
+                                     "mlp_weight")
+    model = _lm([helper.make_node("MatMul", ["hidden", "mlp_weight"], ["hidden2"], name="mlp")], [weight],
+                ["batch_size", 2, "past_sequence_length", "head_dim"])
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] == "head":
+            node.input[0] = "hidden2"
+    return model
 
 
 def _gqa_model(packed: bool) -> onnx.ModelProto:
