@@ -53,3 +53,19 @@ def calib_ids(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)
     np.save(path, rng.integers(0, tiny_models.VOCAB, size=(16, 32), dtype=np.int64))
     return path
+
+
+@pytest.fixture(scope="session")
+def hf_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Llama as a transformers folder (see tests/folder_models.py)."""
+    from tests import folder_models
+
+    return folder_models.write_hf_llama(tmp_path_factory.mktemp("hf") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def genai_folder(hf_llama_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`hf_llama_folder` through onnxruntime-genai's model builder (fp32, CPU), once per session."""
+    from tests import folder_models
+
+    return folder_models.run_builder(hf_llama_folder, tmp_path_factory.mktemp("genai") / "tiny-genai")
