@@ -101,18 +101,34 @@ def test_custom_op_folder_runs_in_genai(genai_folder: Path, text: Path, tmp_path
     assert again.decoder["session_options"]["custom_ops_library"] == LIBRARY_NAME  # the input is not changed
 
 
-@pytest.mark.skipif(not folder_models.optimum_available(), reason="needs `make optimum-venv`")
-def test_optimum_folder_quantizes_and_generates_in_optimum(hf_llama_folder: Path, text: Path,
-                                                           tmp_path: Path) -> None:
-    exported = folder_models.optimum_export(hf_llama_folder, tmp_path / "optimum")
+needs_optimum = pytest.mark.skipif(not folder_models.optimum_available(), reason="needs `make optimum-venv`")
+
+
+@pytest.fixture(scope="module")
+def optimum_folder(hf_llama_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return folder_models.optimum_export(hf_llama_folder, tmp_path_factory.mktemp("optimum") / "tiny-optimum")
+
+
+@needs_optimum
+def test_optimum_folder_quantizes_and_generates_in_optimum(optimum_folder: Path, text: Path, tmp_path: Path) -> None:
+    exported = optimum_folder
     out = _quantize(exported, tmp_path / "out", text)
     assert _files(out) == _files(exported)
-    float_tokens, float_logits = folder_models.optimum_greedy(exported)
-    tokens, logits = folder_models.optimum_greedy(out)
+    (float_tokens, float_logits), (tokens, logits) = folder_models.optimum_greedy(exported, out)
     assert len(tokens) == len(float_tokens) == 4
     assert folder_models.relative_error(logits, folder_models.onnxruntime_logits(out)) < 1e-2
     assert folder_models.relative_error(logits, float_logits) < 0.3
     assert int(np.argmax(float_logits)) == float_tokens[0]
+
+
+@needs_optimum
+def test_optimum_custom_op_folder_generates_with_the_library_registered(optimum_folder: Path, text: Path,
+                                                                        tmp_path: Path) -> None:
+    out = _quantize(optimum_folder, tmp_path / "out", text, "--bits", "3", "--format", "custom")
+    assert _files(out) == _files(optimum_folder) | {LIBRARY_NAME}
+    [(tokens, logits)] = folder_models.optimum_greedy(out)
+    assert len(tokens) == 4
+    assert folder_models.relative_error(logits, folder_models.onnxruntime_logits(out)) < 1e-2
 
 
 @pytest.fixture(scope="module")
