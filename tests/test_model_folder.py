@@ -186,6 +186,7 @@ def test_folder_without_model_is_refused(tmp_path: Path, text: Path, capsys: pyt
     (folder / "config.json").write_text("{}")
     _refused([str(folder), "--calib", str(text), "-o", str(tmp_path / "out"), *SMALL], capsys,
              str(folder), "no .onnx model")
+    _refused(["eval", str(folder), "--text", str(text)], capsys, str(folder), "no .onnx model")
     assert _files(tmp_path) == {"empty"} and _files(folder) == {"config.json"}
 
 
@@ -206,6 +207,7 @@ def test_genai_config_disagreeing_with_graph_is_refused(genai_folder: Path, text
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     _refused([str(folder), "--calib", str(text), "-o", str(tmp_path / "out"), *SMALL], capsys,
              GENAI_CONFIG, *words)
+    _refused(["eval", str(folder), "--text", str(text)], capsys, GENAI_CONFIG, *words)
     assert not (tmp_path / "out").exists()
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
 
