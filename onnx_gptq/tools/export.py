@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import inspect
 import io
 import logging
@@ -70,37 +71,103 @@ def _initializer_bytes(model: Any) -> int:
         b.numel() * b.element_size() for b in model.buffers())
 
 
-def _export_dynamo(wrapped: Any, args: tuple[Any, ...], output: Path, *, input_names: list[str],
-                   opset: int, external: bool) -> None:
+@dataclasses.dataclass(frozen=True)
+class GraphIO:
+    """The names and dynamic axes of an exported graph.
+
+    Attributes:
+        inputs: graph input names, in the order of the flattened tracing arguments.
+        outputs: graph output names, in the order the wrapped module returns them.
+        axes: input or output name -> {axis: symbolic dimension name}.
+    """
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    axes: dict[str, dict[int, str]]
+
+
+def logits_io(input_names: list[str]) -> GraphIO:
+    """The no-cache graph: every input and the logits dynamic in batch and sequence."""
+    dims = {0: "batch", 1: "sequence"}
+    return GraphIO(tuple(input_names), ("logits",), {name: dims for name in [*input_names, "logits"]})
+
+
+def _dynamic_shapes(args: Any, names: Iterator[str], axes: dict[str, dict[int, str]]) -> Any:
+    """`args`'s nesting (tensors in tuples) with each tensor replaced by its axes (torch.export's form)."""
+    if isinstance(args, (tuple, list)):
+        return tuple(_dynamic_shapes(item, names, axes) for item in args)
+    return axes.get(next(names))
+
+
+def _export_dynamo(wrapped: Any, args: tuple[Any, ...], output: Path, *, graph_io: GraphIO, opset: int,
+                   external: bool) -> None:
     import torch
 
-    dims = {0: "batch", 1: "sequence"}
-    dynamic_shapes = {name: dims for name in input_names}
+    dynamic_shapes = _dynamic_shapes(args, iter(graph_io.inputs), graph_io.axes)
     with _quiet():
         program = torch.onnx.export(wrapped, args, None, dynamo=True, opset_version=opset,
-                                    input_names=input_names, output_names=["logits"],
+                                    input_names=list(graph_io.inputs), output_names=list(graph_io.outputs),
                                     dynamic_shapes=dynamic_shapes, external_data=external,
                                     verbose=False)
         program.save(str(output), external_data=external)
 
 
-def _export_torchscript(wrapped: Any, args: tuple[Any, ...], output: Path, *,
-                        input_names: list[str], opset: int, external: bool) -> None:
+def _export_torchscript(wrapped: Any, args: tuple[Any, ...], output: Path, *, graph_io: GraphIO, opset: int,
+                        external: bool) -> None:
     import onnx
     import torch
 
-    axes = {0: "batch", 1: "sequence"}
-    dynamic_axes = {name: axes for name in [*input_names, "logits"]}
     # The TorchScript exporter writes one file per tensor for large models; export into a
     # scratch directory and re-save with a single data file next to `output`.
     with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
         tmp = Path(scratch) / "model.onnx"
         with _quiet():
             torch.onnx.export(wrapped, args, str(tmp), dynamo=False,
-                              opset_version=min(opset, 17), input_names=input_names,
-                              output_names=["logits"], dynamic_axes=dynamic_axes)
+                              opset_version=min(opset, 17), input_names=list(graph_io.inputs),
+                              output_names=list(graph_io.outputs), dynamic_axes=graph_io.axes)
         proto = onnx.load(str(tmp), load_external_data=True)
         _save(proto, output, external)
+
+
+def trace(wrapped: Any, args: tuple[Any, ...], output: Path, graph_io: GraphIO, *, exporter: str, opset: int,
+          external: bool) -> str:
+    """Export `wrapped` called on `args` to `output` with dynamo, or TorchScript when dynamo fails.
+
+    Args:
+        wrapped: the module to trace (in eval mode; called under torch.no_grad).
+        args: its tracing arguments (tensors, possibly nested in tuples).
+        output: the .onnx file to write.
+        graph_io: the graph's input and output names and dynamic axes.
+        exporter: "auto" (dynamo, falling back to TorchScript with a warning), "dynamo" or "torchscript".
+        opset: ONNX opset (the TorchScript exporter caps it at 17).
+        external: weights go to ``<output>.data``.
+    Returns:
+        The exporter that wrote the file: "dynamo" or "torchscript".
+    Raises:
+        ModelError: the exporter(s) failed; the message says why in one line.
+    """
+    import torch
+
+    used = exporter
+    with torch.no_grad():
+        if exporter in ("auto", "dynamo"):
+            try:
+                _export_dynamo(wrapped, args, output, graph_io=graph_io, opset=opset, external=external)
+                used = "dynamo"
+            except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds
+                reason = describe_error(exc)
+                if exporter == "dynamo":
+                    raise ModelError(f"model: the dynamo exporter failed: {reason}") from exc
+                logger.warning("the dynamo exporter failed (%s); falling back to the "
+                               "TorchScript exporter (dynamo=False)", reason)
+                used = "torchscript"
+        if used == "torchscript":
+            try:
+                _export_torchscript(wrapped, args, output, graph_io=graph_io, opset=opset, external=external)
+            except Exception as exc:  # noqa: BLE001
+                raise ModelError(f"model: the TorchScript exporter failed: {describe_error(exc)}"
+                                 ) from exc
+    return used
 
 
 def _save(proto: Any, output: Path, external: bool) -> None:
@@ -206,27 +273,8 @@ def export_model(model: Any, output: str | os.PathLike[str], *, dtype: str = "fl
     external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
 
     start = time.perf_counter()
-    used = exporter
-    with torch.no_grad():
-        if exporter in ("auto", "dynamo"):
-            try:
-                _export_dynamo(wrapped, args, output, input_names=input_names, opset=opset,
-                               external=external)
-                used = "dynamo"
-            except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds
-                reason = describe_error(exc)
-                if exporter == "dynamo":
-                    raise ModelError(f"model: the dynamo exporter failed: {reason}") from exc
-                logger.warning("the dynamo exporter failed (%s); falling back to the "
-                               "TorchScript exporter (dynamo=False)", reason)
-                used = "torchscript"
-        if used == "torchscript":
-            try:
-                _export_torchscript(wrapped, args, output, input_names=input_names,
-                                    opset=opset, external=external)
-            except Exception as exc:  # noqa: BLE001
-                raise ModelError(f"model: the TorchScript exporter failed: {describe_error(exc)}"
-                                 ) from exc
+    used = trace(wrapped, args, output, logits_io(input_names), exporter=exporter, opset=opset,
+                 external=external)
     logger.info("exported %s with the %s exporter in %.1f s%s", output, used,
                 time.perf_counter() - start, " (external data)" if external else "")
 
