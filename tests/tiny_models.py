@@ -38,6 +38,18 @@ def build_llama(seed: int = 0, tie: bool = True) -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
+def build_chatty_llama(seed: int = 0) -> torch.nn.Module:
+    """A tiny Llama whose greedy continuations vary (weights 15x the default spread; the default
+    model repeats one token), for generation tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
 def build_gpt2(seed: int = 0) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
