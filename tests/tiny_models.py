@@ -149,3 +149,23 @@ def export_bert(model: torch.nn.Module, path: Path) -> Path:
                                         "last_hidden_state": axes})
     model.config.to_json_file(str(path.parent / "config.json"))
     return path
+
+
+#: The chat template of `save_chatty_tokenizer`: each turn's text after "<s>", then "t7" to prompt the answer.
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}t7{% endif %}")
+
+
+def save_chatty_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer over the tiny vocabulary ("<pad>", "<s>", "</s>", then "t3" ... "t255"),
+    with a chat template, saved as a transformers tokenizer (tokenizer.json, tokenizer_config.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(directory)
