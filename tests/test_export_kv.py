@@ -136,3 +136,23 @@ def test_cli_export_folder_and_bad_outputs(chatty_llama_dir: Path, tmp_path: Pat
         (tmp_path / "file").write_text("x")
         export.export_model(str(chatty_llama_dir), tmp_path / "file")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_folder_generates_as_transformers(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import onnx_gptq
+    from devtools import llm_folders
+    from onnx_gptq.tools.tokenizer import load_tokenizer
+
+    source = llm_folders.smollm2_hf_folder()
+    folder = export.export_model(str(source), tmp_path / "smol", seq_len=8)
+    ids = load_tokenizer(folder / "tokenizer.json").encode("The capital of France is")
+    model = AutoModelForCausalLM.from_pretrained(str(source), local_files_only=True).eval()
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert genai_greedy(folder, ids, 12) == want
+    assert onnx_gptq.generate(folder, ids, max_new_tokens=12, stop_at_eos=False).token_ids == want
+    chat = onnx_gptq.generate(folder, "What is the capital of France?", chat=True, max_new_tokens=12)
+    assert chat.prompt_ids[:3] != ids[:3] and chat.text

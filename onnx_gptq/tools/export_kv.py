@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from onnx_gptq.errors import ConfigError, ModelError
+from onnx_gptq.errors import ConfigError
 from onnx_gptq.tools.export_check import ExportCheckError
 from onnx_gptq.tools.genai_config import genai_config, head_size, kv_heads, kv_names
 

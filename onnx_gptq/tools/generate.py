@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnx_gptq.errors import ConfigError, ModelError, UserError
+from onnx_gptq.errors import ConfigError, UserError
 from onnx_gptq.tools.sampling import Sampler, Sampling
 
 logger = logging.getLogger(__name__)
@@ -248,8 +248,6 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    if not Path(args.model).expanduser().exists():
-        raise ModelError(f"model '{args.model}' does not exist")
     result = generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer,
                       chat=args.chat, do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, seed=args.seed, providers=providers,
