@@ -45,10 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="onnx-gptq",
         description="GPTQ weight-only quantization of an ONNX model. "
                     "Also: 'onnx-gptq export --help', 'onnx-gptq eval --help', 'onnx-gptq generate --help'.")
-    parser.add_argument("model", type=Path, help="input .onnx model, or a model folder (never modified)")
+    parser.add_argument("model", type=Path,
+                        help="input .onnx model, or a model folder (onnxruntime-genai builder, Optimum, "
+                             "onnx-gptq export: the .onnx its genai_config.json names, else model.onnx); "
+                             "never modified")
     parser.add_argument("-o", "--output", type=Path,
-                        help="output .onnx path, or folder for a model folder (default: <model>.q<bits>.onnx; "
-                             "<folder>-q<bits> for a folder)")
+                        help="output .onnx path; for a model folder, the output folder: created (its parent must "
+                             "exist), given the quantized model, a copy of every other file and an updated "
+                             "genai_config.json (default: <model>.q<bits>.onnx; <folder>-q<bits> for a folder)")
     parser.add_argument("--version", action="version", version=f"onnx-gptq {__version__}")
 
     data = parser.add_argument_group("calibration")

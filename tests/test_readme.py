@@ -78,6 +78,16 @@ def _generate(line: str, directory: Path) -> None:
     _run_cli(line, directory, ["--max-new-tokens", "4"])
 
 
+def _quantize_folder(line: str, directory: Path) -> None:
+    """A model folder in, a complete folder out: the model and the input's other files, genai_config updated."""
+    words = shlex.split(line)
+    _run_cli(line, directory, SMALL_QUANTIZE)
+    source, output = directory / words[1], directory / words[words.index("-o") + 1]
+    assert {p.name for p in source.iterdir()} - {"model.onnx.data"} <= {p.name for p in output.iterdir()}
+    assert onnx.load(output / "model.onnx").graph.node
+    assert (output / "genai_config.json").is_file()
+
+
 def _eval(line: str, directory: Path) -> None:
     _run_cli(line, directory, SMALL_EVAL)
 
@@ -92,7 +102,8 @@ SHELL_RULES: list[tuple[re.Pattern[str], Callable[[str, Path], None]]] = [
     (re.compile(r"^onnx-gptq eval "), _eval),
     (re.compile(r"^onnx-gptq generate "), _generate),
     (re.compile(r"^onnx-gptq \S+\.onnx "), _quantize),
-    (re.compile(r"^onnx-gptq [\w./-]+ --calib "), _quantize),
+    (re.compile(r"^onnx-gptq \S+-genai "), _quantize_folder),
+    (re.compile(r"^onnx-gptq [\w./-]+ --calib "), _quantize_folder),
     (re.compile(r"^make (demo|test|test-slow|test-cuda|test-oldest-ort|sanitize|bench-llm|bench-vs-ort|install)$"),
      _run_by_ci),
     (re.compile(r"^(ONNX_GPTQ_CUDA=[01] )?pip (install|uninstall) "), _run_by_ci),
@@ -105,7 +116,7 @@ def _rule(line: str) -> Callable[[str, Path], None] | None:
 
 
 @pytest.fixture(scope="module")
-def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fixtures(tmp_path_factory: pytest.TempPathFactory, genai_folder: Path) -> Path:
     """A directory with every file name the README's examples use."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -123,6 +134,9 @@ def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for bits, fmt in ((4, "ort"), (3, "custom")):
         assert main([str(directory / "model.onnx"), "-o", str(directory / f"model.q{bits}.onnx"), "--algo", "rtn",
                      "--bits", str(bits), "--format", fmt, "--group-size", "32", "-q"]) == 0
+    shutil.copytree(genai_folder, directory / "smollm2-genai")  # a tiny Llama through the builder, really
+    assert main([str(directory / "smollm2-genai"), "-o", str(directory / "smollm2-genai-q4"), "--algo", "rtn",
+                 "--group-size", "32", "-q"]) == 0
     hf_dir = directory / "path" / "to" / "hf_model_dir"
     tiny_models.build_llama().save_pretrained(hf_dir)
     tiny_models.save_chatty_tokenizer(hf_dir)
@@ -174,6 +188,7 @@ def test_shell_command_runs(command, line, fixtures, tmp_path, monkeypatch):
 
 def test_unknown_lines_are_refused():
     assert _rule("onnx-gptq model.onnx --calib x -o y.onnx") is _quantize
+    assert _rule("onnx-gptq smollm2-genai --calib x -o y") is _quantize_folder
     assert _rule("make test") is _run_by_ci
     assert _rule("curl https://example.com | sh") is None
     assert _rule("make everything") is None
