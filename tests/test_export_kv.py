@@ -14,7 +14,7 @@ from onnx_gptq.cli import main
 from onnx_gptq.errors import ConfigError, OutputError
 from onnx_gptq.tools import export
 from onnx_gptq.tools.export_kv import cache_wrapper, sample_args
-from tests import tiny_models
+from tests import folder_models, tiny_models
 
 PROMPT = [5, 17, 99, 3, 42]
 NEW = 16
@@ -22,18 +22,7 @@ NEW = 16
 
 def genai_greedy(folder: Path, prompt: list[int], new: int) -> list[int]:
     """Greedy tokens from onnxruntime_genai.Model(folder)."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array(prompt, dtype=np.int32))
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
+    return folder_models.genai_greedy(folder, new, prompt)[0]
 
 
 def torch_greedy(prompt: list[int], new: int) -> list[int]:

@@ -15,7 +15,7 @@ from onnx_gptq.cli import main
 from onnx_gptq.errors import ConfigError, ModelError
 from onnx_gptq.tools import export
 from onnx_gptq.tools.sampling import Sampler, Sampling, candidates
-from tests import tiny_models
+from tests import folder_models, tiny_models
 from tests.test_export_kv import PROMPT, genai_greedy, no_cache_greedy, torch_greedy
 
 TEXT_PROMPT = "t5 t17 t99 t3 t42"
@@ -143,6 +143,20 @@ def test_missing_model_and_no_tokenizer(tmp_path: Path, kv_folder: Path, capsys:
     assert "no tokenizer" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="token id 300 is outside"):
         onnx_gptq.generate(bare, [300])
+
+
+def test_builder_folder_generates_as_genai(genai_folder: Path) -> None:
+    want, _ = folder_models.genai_greedy(genai_folder, 8)
+    result = onnx_gptq.generate(genai_folder, folder_models.PROMPT, max_new_tokens=8, stop_at_eos=False)
+    assert result.cached and result.token_ids == want
+
+
+@pytest.mark.skipif(not folder_models.optimum_available(), reason="Optimum's venv is missing (make optimum-venv)")
+def test_optimum_folder_generates_as_ort_model_for_causal_lm(hf_llama_folder: Path, tmp_path: Path) -> None:
+    folder = folder_models.optimum_export(hf_llama_folder, tmp_path / "optimum")
+    want, _ = folder_models.optimum_greedy(folder, 8)
+    result = onnx_gptq.generate(folder, folder_models.PROMPT, max_new_tokens=8, stop_at_eos=False)
+    assert result.cached and result.token_ids == want
 
 
 @pytest.mark.slow
