@@ -14,7 +14,7 @@ from onnx_gptq.cli import main
 from onnx_gptq.errors import ConfigError, OutputError
 from onnx_gptq.tools import export
 from onnx_gptq.tools.export_kv import cache_wrapper, sample_args
-from tests import tiny_models
+from tests import folder_models, tiny_models
 
 PROMPT = [5, 17, 99, 3, 42]
 NEW = 16
@@ -22,18 +22,7 @@ NEW = 16
 
 def genai_greedy(folder: Path, prompt: list[int], new: int) -> list[int]:
     """Greedy tokens from onnxruntime_genai.Model(folder)."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.array(prompt, dtype=np.int32))
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
+    return folder_models.genai_greedy(folder, new, prompt)[0]
 
 
 def torch_greedy(prompt: list[int], new: int) -> list[int]:
@@ -42,6 +31,22 @@ def torch_greedy(prompt: list[int], new: int) -> list[int]:
         out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
                              pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def no_cache_greedy(model: Path, prompt: list[int], new: int) -> list[int]:
+    """Greedy tokens of a KV-cache graph run without its cache: the whole sequence each step, the past empty."""
+    from onnx_gptq.runtime import custom_ops
+
+    session = custom_ops.make_session(model, providers=["CPUExecutionProvider"])
+    ids = list(prompt)
+    for _ in range(new):
+        n = len(ids)
+        feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, n), np.int64),
+                 "position_ids": np.arange(n, dtype=np.int64)[None]}
+        feeds.update({i.name: np.zeros((1, 2, 0, 16), np.float32) for i in session.get_inputs()
+                      if i.name.startswith("past")})
+        ids.append(int(np.argmax(session.run(["logits"], feeds)[0][0, -1])))
+    return ids[len(prompt):]
 
 
 def test_folder_has_cache_graph_configs_and_tokenizer(kv_folder: Path) -> None:
@@ -74,26 +79,13 @@ def test_genai_greedy_equals_transformers(kv_folder: Path) -> None:
 
 def test_quantized_folder_runs_in_genai_and_matches_a_no_cache_loop(kv_folder: Path, calib_ids: Path,
                                                                     tmp_path: Path) -> None:
-    import onnxruntime as ort
-
     out = tmp_path / "q4"
     assert main([str(kv_folder), "--calib", str(calib_ids), "-o", str(out), "--num-samples", "8", "--seq-len", "32",
                  "--group-size", "32", "-q"]) == 0
     graph = onnx.load(str(out / "model.onnx")).graph
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 14  # 7 per layer, 2 layers
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "model.onnx"
-    got = genai_greedy(out, PROMPT, NEW)
-    # The same greedy tokens without a cache: the whole sequence each step, past empty.
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    ids = list(PROMPT)
-    for _ in range(NEW):
-        n = len(ids)
-        feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, n), np.int64),
-                 "position_ids": np.arange(n, dtype=np.int64)[None]}
-        feeds.update({i.name: np.zeros((1, 2, 0, 16), np.float32) for i in session.get_inputs()
-                      if i.name.startswith("past")})
-        ids.append(int(np.argmax(session.run(["logits"], feeds)[0][0, -1])))
-    assert got == ids[len(PROMPT):]
+    assert genai_greedy(out, PROMPT, NEW) == no_cache_greedy(out / "model.onnx", PROMPT, NEW)
 
 
 def test_logits_and_presents_match_torch(kv_folder: Path) -> None:

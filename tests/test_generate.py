@@ -15,8 +15,8 @@ from onnx_gptq.cli import main
 from onnx_gptq.errors import ConfigError, ModelError
 from onnx_gptq.tools import export
 from onnx_gptq.tools.sampling import Sampler, Sampling, candidates
-from tests import tiny_models
-from tests.test_export_kv import PROMPT, genai_greedy, torch_greedy
+from tests import folder_models, tiny_models
+from tests.test_export_kv import PROMPT, genai_greedy, no_cache_greedy, torch_greedy
 
 TEXT_PROMPT = "t5 t17 t99 t3 t42"
 
@@ -30,6 +30,14 @@ def test_greedy_equals_transformers_genai_and_a_no_cache_model(kv_folder: Path, 
     no_cache = onnx_gptq.generate(plain, PROMPT, max_new_tokens=16, stop_at_eos=False)
     assert not no_cache.cached and no_cache.token_ids == result.token_ids
     assert result.first_token_s > 0 and result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
+
+
+def test_gptq_matmul_folder_gets_the_custom_op_library(kv_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q3"
+    assert main([str(kv_folder), "-o", str(out), "--algo", "rtn", "--bits", "3", "--format", "custom",
+                 "--group-size", "32", "-q"]) == 0
+    result = onnx_gptq.generate(out, PROMPT, max_new_tokens=10, stop_at_eos=False)
+    assert result.cached and result.token_ids == no_cache_greedy(out / "model.onnx", PROMPT, 10)
 
 
 def test_text_prompt_streams(kv_folder: Path) -> None:
@@ -135,6 +143,20 @@ def test_missing_model_and_no_tokenizer(tmp_path: Path, kv_folder: Path, capsys:
     assert "no tokenizer" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="token id 300 is outside"):
         onnx_gptq.generate(bare, [300])
+
+
+def test_builder_folder_generates_as_genai(genai_folder: Path) -> None:
+    want, _ = folder_models.genai_greedy(genai_folder, 8)
+    result = onnx_gptq.generate(genai_folder, folder_models.PROMPT, max_new_tokens=8, stop_at_eos=False)
+    assert result.cached and result.token_ids == want
+
+
+@pytest.mark.skipif(not folder_models.optimum_available(), reason="Optimum's venv is missing (make optimum-venv)")
+def test_optimum_folder_generates_as_ort_model_for_causal_lm(hf_llama_folder: Path, tmp_path: Path) -> None:
+    folder = folder_models.optimum_export(hf_llama_folder, tmp_path / "optimum")
+    want, _ = folder_models.optimum_greedy(folder, 8)
+    result = onnx_gptq.generate(folder, folder_models.PROMPT, max_new_tokens=8, stop_at_eos=False)
+    assert result.cached and result.token_ids == want
 
 
 @pytest.mark.slow
