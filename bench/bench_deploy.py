@@ -214,7 +214,8 @@ def measure_row(row: DeployRow, settings: Settings, work: Path, inputs: dict[str
         result |= made | {"folder": str(folder), "size_mb": folder_mb(folder)}
         result |= _cached(work / f"{folder.name}.score-{cache_key(settings.eval_windows, settings.eval_seq_len)}.json",
                           lambda: _child("_score", str(folder), str(reference), str(inputs["windows"])))
-        speed_file = work / f"{folder.name}.speed-{cache_key(settings.prompt_len, settings.new_tokens, settings.repeats)}.json"
+        speed_key = cache_key(inputs["prompt"].read_text(), settings.new_tokens, settings.repeats)
+        speed_file = work / f"{folder.name}.speed-{speed_key}.json"
         if retime:
             speed_file.unlink(missing_ok=True)
         result |= _cached(speed_file, lambda: run_measured(
