@@ -48,9 +48,6 @@ logger = logging.getLogger("bench_deploy")
 REFERENCE = "builder-fp32"
 #: The two rows the target compares.
 BUILDER_TARGET, OURS_TARGET = "builder-int4", "gptq"
-#: onnx-gptq's flags for a float embedding and a float head (today's CLI leaves both float
-#: unless --quantize-head is given; set the embedding/head options here once they exist).
-FLOAT_HEAD_EMBED_FLAGS: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +71,32 @@ def _algo(name: str) -> tuple[str, ...]:
     return ("int4", "--extra_options", f"algo_config={name}")
 
 
+def head_embedding_rows(cli_options: set[str]) -> list[DeployRow]:
+    """The rows on the head and the embedding, in the flags the CLI at hand offers.
+
+    Args:
+        cli_options: the option strings of ``onnx-gptq``'s parser.
+    Returns:
+        Rows "gptq-float-head-embed" (both float) and one with both at 8 bits, where the CLI
+        has ``--head`` / ``--embedding``; before those existed (head and embedding float by
+        default), the float row is the defaults and the other quantizes the head.
+    """
+    if {"--head", "--embedding"} <= cli_options:
+        return [DeployRow("gptq-float-head-embed", "onnx-gptq, head and embedding float", "onnx-gptq",
+                          ("--head", "float", "--embedding", "float")),
+                DeployRow("gptq-head8-embed8", "onnx-gptq, head and embedding 8-bit", "onnx-gptq",
+                          ("--head", "8", "--embedding", "8"))]
+    return [DeployRow("gptq-float-head-embed", "onnx-gptq, head and embedding float (its defaults then)",
+                      "onnx-gptq"),
+            DeployRow("gptq-head", "onnx-gptq --quantize-head", "onnx-gptq", ("--quantize-head",))]
+
+
+def _cli_options() -> set[str]:
+    from onnx_gptq import cli
+
+    return {o for action in cli.build_parser()._actions for o in action.option_strings}
+
+
 ROWS = [
     DeployRow(REFERENCE, "builder fp32", "builder", ("fp32",)),
     DeployRow(BUILDER_TARGET, "builder int4 (default: RTN, block 32, accuracy_level 4)", "builder", ("int4",)),
@@ -82,9 +105,7 @@ ROWS = [
     DeployRow("builder-int4-kquant-mixed", "builder int4 k_quant_mixed", "builder", _algo("k_quant_mixed")),
     DeployRow(OURS_TARGET, "onnx-gptq defaults", "onnx-gptq"),
     DeployRow("gptq-acc0", "onnx-gptq defaults, --accuracy-level 0", "onnx-gptq", ("--accuracy-level", "0")),
-    DeployRow("gptq-head", "onnx-gptq --quantize-head", "onnx-gptq", ("--quantize-head",)),
-    DeployRow("gptq-float-head-embed", "onnx-gptq, head and embedding float", "onnx-gptq",
-              FLOAT_HEAD_EMBED_FLAGS),
+    *head_embedding_rows(_cli_options()),
     DeployRow("gptq-w3", "onnx-gptq W3", "onnx-gptq", ("--bits", "3")),
     DeployRow("gptq-w3-down8", "onnx-gptq W3, down_proj 8-bit (--layer-config)", "onnx-gptq",
               ("--bits", "3", "--layer-config", "down_proj=bits:8")),

@@ -162,3 +162,18 @@ def test_folder_mb_counts_the_files_of_a_folder(tmp_path: Path) -> None:
     (tmp_path / "model.onnx.data").write_bytes(b"x" * 2**19)
     (tmp_path / "sub").mkdir()
     assert bench_deploy.folder_mb(tmp_path) == pytest.approx(1.5)
+
+
+def test_head_and_embedding_rows_follow_the_cli_at_hand() -> None:
+    later = bench_deploy.head_embedding_rows({"--head", "--embedding", "--bits"})
+    assert [(r.name, r.args) for r in later] == [
+        ("gptq-float-head-embed", ("--head", "float", "--embedding", "float")),
+        ("gptq-head8-embed8", ("--head", "8", "--embedding", "8"))]
+    before = bench_deploy.head_embedding_rows({"--quantize-head", "--bits"})
+    assert [(r.name, r.args) for r in before] == [("gptq-float-head-embed", ()), ("gptq-head", ("--quantize-head",))]
+    from onnx_gptq import cli
+
+    parser = cli.build_parser()
+    for row in bench_deploy.ROWS:  # every onnx-gptq row's flags parse with today's CLI
+        if row.kind == "onnx-gptq":
+            parser.parse_args(["model.onnx", *row.args])
