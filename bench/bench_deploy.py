@@ -14,8 +14,9 @@ greedy decode tokens/s for a fixed prompt (best of --repeats) and that
 process's peak RSS. Each measured step runs in a child process of its own.
 
 Finished rows are cached under --work, keyed by their settings (and, for
-onnx-gptq rows, the git commit and any uncommitted change of the package), so
-a rerun only measures what changed; --retime measures the speed again.
+onnx-gptq rows, the git trees of onnx_gptq/ and custom_ops/ plus any
+uncommitted change there), so a rerun only measures what changed; --retime
+measures the speed again.
 
 Usage:
     python bench/bench_deploy.py --markdown bench-deploy.md
@@ -151,13 +152,15 @@ def cache_key(*parts: Any) -> str:
 
 
 def code_version() -> str:
-    """The git commit of this checkout, plus a hash of any uncommitted change to the package."""
+    """What the quantizer's code is: the git trees of the package and the custom ops at HEAD,
+    plus a hash of any uncommitted change to them (a commit elsewhere keeps the cached rows)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
                               check=False).stdout.strip()
 
     diff = git("diff", "HEAD", "--", "onnx_gptq", "custom_ops")
-    return git("rev-parse", "HEAD") + (f"+{cache_key(diff)}" if diff else "")
+    trees = git("rev-parse", "HEAD:onnx_gptq", "HEAD:custom_ops").replace("\n", ",")
+    return trees + (f"+{cache_key(diff)}" if diff else "")
 
 
 def folder_mb(folder: Path) -> float:

@@ -177,3 +177,10 @@ def test_head_and_embedding_rows_follow_the_cli_at_hand() -> None:
     for row in bench_deploy.ROWS:  # every onnx-gptq row's flags parse with today's CLI
         if row.kind == "onnx-gptq":
             parser.parse_args(["model.onnx", *row.args])
+
+
+def test_code_version_names_the_package_and_custom_op_trees() -> None:
+    import re
+
+    version = bench_deploy.code_version()
+    assert re.fullmatch(r"[0-9a-f]{40},[0-9a-f]{40}(\+[0-9a-f]{12})?", version), version
