@@ -141,9 +141,11 @@ def run_measured(command: Sequence[str], *, env: Mapping[str, str] | None = None
                                      start_new_session=True)
             try:
                 child.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+            except BaseException as exc:  # a timeout, or Ctrl-C (which reaches our group, not the child's)
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
+                if not isinstance(exc, subprocess.TimeoutExpired):
+                    raise
             seconds = time.perf_counter() - start
         peak = float(Path(rss_file).read_text()) / 1024.0 if os.path.exists(rss_file) else 0.0
         return MeasuredRun(child.returncode, seconds, peak, Path(out_path).read_text(errors="replace"),
