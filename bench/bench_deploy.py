@@ -115,7 +115,13 @@ ROWS = [
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Run-wide settings (see ``--help``)."""
+    """Run-wide settings.
+
+    Attributes:
+        samples, calib_seq_len: the CLI's --num-samples / --seq-len (onnx-gptq rows).
+        eval_windows, eval_seq_len: the scored windows of the evaluation text.
+        prompt_len, new_tokens, repeats: the timed generation (best of `repeats`).
+    """
 
     samples: int = 128
     calib_seq_len: int = 512
