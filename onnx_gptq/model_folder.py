@@ -286,10 +286,7 @@ def write_folder(folder: ModelFolder, tree: Path, output: Path, *, inputs: Seque
 
     Every file :func:`copied_files` names is copied into `tree`, and the
     custom-op library when the model needs it, genai_config.json rewritten by
-    :func:`updated_genai_config`; then `tree`
-    is renamed to `output` when that does not exist (one rename: all or
-    nothing), else its files are moved into `output` one rename each, the
-    model last.
+    :func:`updated_genai_config`; then `tree` is published by :func:`publish_tree`.
 
     Args:
         folder: the input folder.
@@ -308,12 +305,31 @@ def write_folder(folder: ModelFolder, tree: Path, output: Path, *, inputs: Seque
     if folder.genai_config is not None:
         config = updated_genai_config(folder.genai_config, folder.model.name, custom_ops_library=library)
         (tree / GENAI_CONFIG).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
-    names = sorted((p.name for p in tree.iterdir()), key=lambda n: (n == folder.model.name, n))
+    return publish_tree(tree, output, folder.model.name)
+
+
+def publish_tree(tree: Path, output: Path, model_name: str) -> list[Path]:
+    """Publish the complete staged folder `tree` as `output`.
+
+    `tree` is renamed to `output` when that does not exist (one rename: all or
+    nothing), else its files are moved into `output` one rename each, the
+    model last, so it appears only with its configs and data beside it.
+
+    Args:
+        tree: the staged folder (same file system as `output`).
+        output: the output folder.
+        model_name: the model file's name in `tree`.
+    Returns:
+        The published files, in `output`.
+    Raises:
+        OutputError: a rename failed.
+    """
+    names = sorted((p.name for p in tree.iterdir()), key=lambda n: (n == model_name, n))
     try:
         if not output.exists():
             os.rename(tree, output)
         else:
-            for name in names:  # the model last: it appears only with its configs and data beside it
+            for name in names:
                 os.replace(tree / name, output / name)
     except OSError as exc:
         raise OutputError(f"cannot write output folder '{output}': {exc.strerror or exc}") from None
@@ -322,5 +338,5 @@ def write_folder(folder: ModelFolder, tree: Path, output: Path, *, inputs: Seque
 
 
 __all__ = ["GENAI_CONFIG", "HF_CONFIG", "ModelFolder", "check_genai_config", "check_output_folder",
-           "copied_files", "default_output", "read_genai_config", "resolve", "updated_genai_config",
+           "copied_files", "default_output", "publish_tree", "read_genai_config", "resolve", "updated_genai_config",
            "write_folder", "writes_folder"]

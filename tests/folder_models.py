@@ -110,15 +110,18 @@ def own_export(hf_folder: Path, out: Path) -> Path:
     return out
 
 
-def genai_greedy(folder: Path, new_tokens: int = 4) -> tuple[list[int], np.ndarray]:
-    """onnxruntime_genai.Model(folder): greedy ids after :data:`PROMPT` (its KV cache) and the first step's logits."""
+def genai_greedy(folder: Path, new_tokens: int = 4, prompt: list[int] | None = None
+                 ) -> tuple[list[int], np.ndarray]:
+    """onnxruntime_genai.Model(folder): greedy ids after `prompt` (default :data:`PROMPT`; its KV cache) and the
+    first step's logits (the last :data:`VOCAB` of them)."""
     import onnxruntime_genai as og
 
+    prompt = PROMPT if prompt is None else prompt
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + new_tokens, do_sample=False)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
     generator = og.Generator(model, params)
-    generator.append_tokens(np.array([PROMPT], dtype=np.int32))
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
     logits = np.array(generator.get_logits(), dtype=np.float32).reshape(-1)[-VOCAB:]
     tokens = []
     while not generator.is_done():

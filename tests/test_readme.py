@@ -58,15 +58,24 @@ def _run_cli(line: str, directory: Path, extra: list[str]) -> None:
     assert code == 0, f"README line {line!r} exited {code}"
 
 
+def _written_model(line: str, directory: Path) -> Path:
+    """The .onnx file a line's -o wrote (model.onnx inside a folder output)."""
+    output = directory / shlex.split(line)[shlex.split(line).index("-o") + 1]
+    return output / "model.onnx" if output.is_dir() else output
+
+
 def _quantize(line: str, directory: Path) -> None:
     _run_cli(line, directory, SMALL_QUANTIZE)
-    output = shlex.split(line)[shlex.split(line).index("-o") + 1]
-    assert onnx.load(directory / output).graph.node
+    assert onnx.load(_written_model(line, directory)).graph.node
 
 
 def _export(line: str, directory: Path) -> None:
-    _run_cli(line, directory, [])
-    onnx.checker.check_model(str(directory / shlex.split(line)[shlex.split(line).index("-o") + 1]))
+    _run_cli(line, directory, ["--seq-len", "4"])
+    onnx.checker.check_model(str(_written_model(line, directory)))
+
+
+def _generate(line: str, directory: Path) -> None:
+    _run_cli(line, directory, ["--max-new-tokens", "4"])
 
 
 def _quantize_folder(line: str, directory: Path) -> None:
@@ -91,9 +100,11 @@ def _run_by_ci(line: str, directory: Path) -> None:
 SHELL_RULES: list[tuple[re.Pattern[str], Callable[[str, Path], None]]] = [
     (re.compile(r"^onnx-gptq export "), _export),
     (re.compile(r"^onnx-gptq eval "), _eval),
+    (re.compile(r"^onnx-gptq generate "), _generate),
     (re.compile(r"^onnx-gptq \S+\.onnx "), _quantize),
     (re.compile(r"^onnx-gptq \S+-genai "), _quantize_folder),
-    (re.compile(r"^make (demo|test|test-slow|test-cuda|test-oldest-ort|sanitize|bench-llm|bench-vs-ort|install)$"),
+    (re.compile(r"^onnx-gptq [\w./-]+ --calib "), _quantize_folder),
+    (re.compile(r"^make (demo|test|test-slow|test-cuda|test-oldest-ort|sanitize|bench-llm|bench-vs-ort|bench-deploy|install)$"),
      _run_by_ci),
     (re.compile(r"^(ONNX_GPTQ_CUDA=[01] )?pip (install|uninstall) "), _run_by_ci),
 ]
@@ -128,6 +139,11 @@ def fixtures(tmp_path_factory: pytest.TempPathFactory, genai_folder: Path) -> Pa
                  "--group-size", "32", "-q"]) == 0
     hf_dir = directory / "path" / "to" / "hf_model_dir"
     tiny_models.build_llama().save_pretrained(hf_dir)
+    tiny_models.save_chatty_tokenizer(hf_dir)
+    # The folders the generate lines read: hf_dir exported with its KV cache, and quantized.
+    assert main(["export", str(hf_dir), "-o", str(directory / "smol"), "--seq-len", "4"]) == 0
+    assert main([str(directory / "smol"), "-o", str(directory / "smol-q4"), "--algo", "rtn", "--group-size", "32",
+                 "-q"]) == 0
     return directory
 
 
