@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 FORCE:
 
-.PHONY: demo test optimum-venv test-slow test-cuda test-oldest-ort install sanitize bench-llm bench-vs-ort clean
+.PHONY: demo test optimum-venv test-slow test-cuda test-oldest-ort install sanitize bench-llm bench-vs-ort bench-deploy clean
 
 # The editable install maps each module to its file: when modules are added,
 # moved or removed, it must be made again (the list is rewritten only when it changes).
@@ -52,6 +52,11 @@ bench-llm: $(STAMP)
 
 bench-vs-ort: $(STAMP)
 	$(PY) bench/bench_vs_ort.py --num-samples 32 --seq-len 256 --sym --markdown bench-vs-ort.md
+
+# issue 11's deployment benchmark: onnx-gptq's folders against onnxruntime-genai's builder int4
+# (finished rows are cached: a rerun measures only what changed; ROWS=a,b picks rows).
+bench-deploy: $(STAMP)
+	$(PY) bench/bench_deploy.py $(if $(ROWS),--rows $(ROWS)) --json bench-deploy.json --markdown bench-deploy.md
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from onnx_gptq import __version__
+from onnx_gptq.contract import GATHER_BITS
 from onnx_gptq.config import SUPPORTED_BITS, Algo, CalibConfig, Format, LayerFilter, LayerRule, QuantConfig
 from onnx_gptq.errors import UserError
 
@@ -38,6 +39,23 @@ def _providers(text: str) -> tuple[str, ...]:
     if text == "auto":
         return default_providers()
     return check_providers(p.strip() for p in text.split(",") if p.strip())
+
+
+def _word(bits: int | None) -> str:
+    return "float" if bits is None else f"{bits}-bit"
+
+
+def _bits_or_float(option: str, choices: Sequence[int]):  # noqa: ANN202 - an argparse type
+    """An argparse type: 'float' -> None, else one of `choices` bits."""
+    def parse(text: str) -> int | None:
+        if text.lower() in ("float", "none", "fp"):
+            return None
+        if text.isdigit() and int(text) in choices:
+            return int(text)
+        raise argparse.ArgumentTypeError(f"{text!r} is not float or one of {', '.join(map(str, choices))}")
+
+    parse.__name__ = option
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="other bits / group size / sym for the layers REGEX matches (repeatable; later rules "
                             "win), or a JSON file mapping REGEX -> {\"bits\": 8, \"group_size\": 32}")
     which.add_argument("--quantize-head", action="store_true", default=LAYERS.quantize_head,
-                       help="also quantize the output head")
+                       help="also quantize the output head (at --head's bits, else --bits)")
+    which.add_argument("--head", type=_bits_or_float("--head", SUPPORTED_BITS), default=QUANT.head_bits,
+                       metavar="float|" + "|".join(map(str, SUPPORTED_BITS)),
+                       help=f"the output head: left float or GPTQ at these bits (default {_word(QUANT.head_bits)})")
+    which.add_argument("--embedding", type=_bits_or_float("--embedding", GATHER_BITS),
+                       default=QUANT.embedding_bits, metavar="float|" + "|".join(map(str, GATHER_BITS)),
+                       help="the token embedding table: left float or com.microsoft.GatherBlockQuantized at these "
+                            f"bits, round to nearest on the --group-size grid (default {_word(QUANT.embedding_bits)})")
+    which.add_argument("--no-shared-embedding", dest="shared_embedding", action="store_false",
+                       default=QUANT.shared_embedding,
+                       help="store a tied embedding twice instead of reading the head's codes")
 
     run = parser.add_argument_group("execution")
     run.add_argument("--jobs", type=int, default=1, help="weights solved concurrently (default 1)")
@@ -138,7 +166,8 @@ def _configs(args: argparse.Namespace) -> tuple[QuantConfig, CalibConfig]:
                         static_groups=not args.dynamic_groups, damp=args.damp, blocksize=args.blocksize,
                         mse=args.mse, algo=args.algo, format=args.format, include=tuple(args.include),
                         exclude=tuple(args.exclude), quantize_head=args.quantize_head,
-                        accuracy_level=args.accuracy_level, layer_rules=_layer_rules(args.layer_config))
+                        accuracy_level=args.accuracy_level, layer_rules=_layer_rules(args.layer_config),
+                        head_bits=args.head, embedding_bits=args.embedding, shared_embedding=args.shared_embedding)
     calib = CalibConfig(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                         providers=_providers(args.providers), seed=args.seed, sequential=args.sequential,
                         split=args.calib_split,

@@ -56,6 +56,22 @@ def calib_ids(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Llama as a transformers folder (see tests/folder_models.py)."""
+    from tests import folder_models
+
+    return folder_models.write_hf_llama(tmp_path_factory.mktemp("hf") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def genai_folder(hf_llama_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`hf_llama_folder` through onnxruntime-genai's model builder (fp32, CPU), once per session."""
+    from tests import folder_models
+
+    return folder_models.run_builder(hf_llama_folder, tmp_path_factory.mktemp("genai") / "tiny-genai")
+
+
+@pytest.fixture(scope="session")
 def chatty_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`tiny_models.build_chatty_llama` saved as a transformers folder with a chat-template tokenizer."""
     directory = tmp_path_factory.mktemp("chatty_llama")
@@ -70,19 +86,3 @@ def kv_folder(chatty_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     from onnx_gptq.tools.export import export_model
 
     return export_model(str(chatty_llama_dir), tmp_path_factory.mktemp("kv") / "folder", seq_len=8)
-
-
-@pytest.fixture(scope="session")
-def hf_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random-weight Llama as a transformers folder (see tests/folder_models.py)."""
-    from tests import folder_models
-
-    return folder_models.write_hf_llama(tmp_path_factory.mktemp("hf") / "tiny-llama")
-
-
-@pytest.fixture(scope="session")
-def genai_folder(hf_llama_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`hf_llama_folder` through onnxruntime-genai's model builder (fp32, CPU), once per session."""
-    from tests import folder_models
-
-    return folder_models.run_builder(hf_llama_folder, tmp_path_factory.mktemp("genai") / "tiny-genai")

@@ -104,7 +104,7 @@ SHELL_RULES: list[tuple[re.Pattern[str], Callable[[str, Path], None]]] = [
     (re.compile(r"^onnx-gptq \S+\.onnx "), _quantize),
     (re.compile(r"^onnx-gptq \S+-genai "), _quantize_folder),
     (re.compile(r"^onnx-gptq [\w./-]+ --calib "), _quantize_folder),
-    (re.compile(r"^make (demo|test|test-slow|test-cuda|test-oldest-ort|sanitize|bench-llm|bench-vs-ort|install)$"),
+    (re.compile(r"^make (demo|test|test-slow|test-cuda|test-oldest-ort|sanitize|bench-llm|bench-vs-ort|bench-deploy|install)$"),
      _run_by_ci),
     (re.compile(r"^(ONNX_GPTQ_CUDA=[01] )?pip (install|uninstall) "), _run_by_ci),
 ]
