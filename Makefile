@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 FORCE:
 
-.PHONY: demo test test-slow test-cuda test-oldest-ort install sanitize bench-llm bench-vs-ort bench-deploy clean
+.PHONY: demo test optimum-venv test-slow test-cuda test-oldest-ort install sanitize bench-llm bench-vs-ort bench-deploy clean
 
 # The editable install maps each module to its file: when modules are added,
 # moved or removed, it must be made again (the list is rewritten only when it changes).
@@ -30,8 +30,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) bench/demo.py
 
-test: $(STAMP)
+test: $(STAMP) optimum-venv
 	$(PY) -m pytest -q
+
+# Optimum's exporter and ORTModelForCausalLM (optimum-onnx) pin transformers 4.x,
+# which clashes with the project's 5.x, so they get a venv of their own; the
+# folder tests run its python in a subprocess (tests/optimum_roundtrip.py) and
+# skip when it is missing. CPU torch first, pinned, as above.
+OPTIMUM_VENV := build/venv-optimum
+$(OPTIMUM_VENV)/.installed:
+	$(PYTHON) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OPTIMUM_VENV)/bin/python -m pip install -q optimum-onnx onnxruntime
+	touch $@
+
+optimum-venv: $(OPTIMUM_VENV)/.installed
 
 # The benchmarks recorded in docs/BENCHMARKS.md (tens of minutes on 2 cores).
 bench-llm: $(STAMP)

@@ -1,7 +1,8 @@
 """Command line: `onnx-gptq model.onnx --calib data.txt -o model.q4.onnx`.
 
-Subcommands: `onnx-gptq export ...` (torch / transformers -> ONNX) and
-`onnx-gptq eval ...` (perplexity and fidelity through onnxruntime).
+Subcommands: `onnx-gptq export ...` (torch / transformers -> ONNX),
+`onnx-gptq eval ...` (perplexity and fidelity through onnxruntime) and
+`onnx-gptq generate ...` (text through onnxruntime with the KV cache).
 
 Exit codes: 0 success, 2 bad input (a one-line message naming the file, node
 or option), 1 internal error, 128 + the signal's number when stopped by
@@ -21,12 +22,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from onnx_gptq import __version__
+from onnx_gptq.contract import GATHER_BITS
 from onnx_gptq.config import SUPPORTED_BITS, Algo, CalibConfig, Format, LayerFilter, LayerRule, QuantConfig
 from onnx_gptq.errors import UserError
 
 logger = logging.getLogger("onnx_gptq")
 
-SUBCOMMANDS = ("export", "eval")
+SUBCOMMANDS = ("export", "eval", "generate")
 # Option defaults come from the configs' own defaults, so the two cannot drift apart.
 QUANT, CALIB, LAYERS = QuantConfig(), CalibConfig(), LayerFilter()
 
@@ -39,15 +41,36 @@ def _providers(text: str) -> tuple[str, ...]:
     return check_providers(p.strip() for p in text.split(",") if p.strip())
 
 
+def _word(bits: int | None) -> str:
+    return "float" if bits is None else f"{bits}-bit"
+
+
+def _bits_or_float(option: str, choices: Sequence[int]):  # noqa: ANN202 - an argparse type
+    """An argparse type: 'float' -> None, else one of `choices` bits."""
+    def parse(text: str) -> int | None:
+        if text.lower() in ("float", "none", "fp"):
+            return None
+        if text.isdigit() and int(text) in choices:
+            return int(text)
+        raise argparse.ArgumentTypeError(f"{text!r} is not float or one of {', '.join(map(str, choices))}")
+
+    parse.__name__ = option
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnx-gptq",
         description="GPTQ weight-only quantization of an ONNX model. "
-                    "Also: 'onnx-gptq export --help', 'onnx-gptq eval --help'.")
-    parser.add_argument("model", type=Path, help="input .onnx model, or a model folder (never modified)")
+                    "Also: 'onnx-gptq export --help', 'onnx-gptq eval --help', 'onnx-gptq generate --help'.")
+    parser.add_argument("model", type=Path,
+                        help="input .onnx model, or a model folder (onnxruntime-genai builder, Optimum, "
+                             "onnx-gptq export: the .onnx its genai_config.json names, else model.onnx); "
+                             "never modified")
     parser.add_argument("-o", "--output", type=Path,
-                        help="output .onnx path, or folder for a model folder (default: <model>.q<bits>.onnx; "
-                             "<folder>-q<bits> for a folder)")
+                        help="output .onnx path; for a model folder, the output folder: created (its parent must "
+                             "exist), given the quantized model, a copy of every other file and an updated "
+                             "genai_config.json (default: <model>.q<bits>.onnx; <folder>-q<bits> for a folder)")
     parser.add_argument("--version", action="version", version=f"onnx-gptq {__version__}")
 
     data = parser.add_argument_group("calibration")
@@ -115,7 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="other bits / group size / sym for the layers REGEX matches (repeatable; later rules "
                             "win), or a JSON file mapping REGEX -> {\"bits\": 8, \"group_size\": 32}")
     which.add_argument("--quantize-head", action="store_true", default=LAYERS.quantize_head,
-                       help="also quantize the output head")
+                       help="also quantize the output head (at --head's bits, else --bits)")
+    which.add_argument("--head", type=_bits_or_float("--head", SUPPORTED_BITS), default=QUANT.head_bits,
+                       metavar="float|" + "|".join(map(str, SUPPORTED_BITS)),
+                       help=f"the output head: left float or GPTQ at these bits (default {_word(QUANT.head_bits)})")
+    which.add_argument("--embedding", type=_bits_or_float("--embedding", GATHER_BITS),
+                       default=QUANT.embedding_bits, metavar="float|" + "|".join(map(str, GATHER_BITS)),
+                       help="the token embedding table: left float or com.microsoft.GatherBlockQuantized at these "
+                            f"bits, round to nearest on the --group-size grid (default {_word(QUANT.embedding_bits)})")
+    which.add_argument("--no-shared-embedding", dest="shared_embedding", action="store_false",
+                       default=QUANT.shared_embedding,
+                       help="store a tied embedding twice instead of reading the head's codes")
 
     run = parser.add_argument_group("execution")
     run.add_argument("--jobs", type=int, default=1, help="weights solved concurrently (default 1)")
@@ -133,7 +166,8 @@ def _configs(args: argparse.Namespace) -> tuple[QuantConfig, CalibConfig]:
                         static_groups=not args.dynamic_groups, damp=args.damp, blocksize=args.blocksize,
                         mse=args.mse, algo=args.algo, format=args.format, include=tuple(args.include),
                         exclude=tuple(args.exclude), quantize_head=args.quantize_head,
-                        accuracy_level=args.accuracy_level, layer_rules=_layer_rules(args.layer_config))
+                        accuracy_level=args.accuracy_level, layer_rules=_layer_rules(args.layer_config),
+                        head_bits=args.head, embedding_bits=args.embedding, shared_embedding=args.shared_embedding)
     calib = CalibConfig(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
                         providers=_providers(args.providers), seed=args.seed, sequential=args.sequential,
                         split=args.calib_split,
@@ -192,6 +226,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 def _subcommand_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     if name == "export":
         from onnx_gptq.tools import export as module
+    elif name == "generate":
+        from onnx_gptq.tools import generate as module
     else:
         from onnx_gptq.tools import evaluate as module
     parser = argparse.ArgumentParser(prog=f"onnx-gptq {name}")

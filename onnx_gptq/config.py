@@ -235,6 +235,14 @@ class QuantConfig:
             0: fp32 math, exact to the dequantized weight).
         layer_rules: other bits / group size / grid for the layers a pattern
             matches (see `LayerRule`, `for_layer`).
+        head_bits: code width of the output head (GPTQ on the final hidden state's
+            Hessian); None leaves it float unless `quantize_head` (then `bits`).
+        embedding_bits: code width of the token embedding table, written as
+            com.microsoft.GatherBlockQuantized (4 or 8, round to nearest on the
+            `group_size` grid; the head's GPTQ codes when shared); None keeps it float.
+        shared_embedding: a tied embedding (the head's weight is the table) is stored
+            once, read by both the Gather and the head, when both have one grid
+            (bits, block) and the head is a MatMulNBits; else it is stored twice.
     """
 
     bits: int = 4
@@ -252,6 +260,9 @@ class QuantConfig:
     quantize_head: bool = False
     accuracy_level: int = 4
     layer_rules: tuple[LayerRule, ...] = ()
+    head_bits: int | None = None
+    embedding_bits: int | None = None
+    shared_embedding: bool = True
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -290,17 +301,39 @@ class QuantConfig:
         if needs_g_idx and self.format in (Format.ORT, Format.QDQ):
             raise ConfigError(f"act_order without static groups needs g_idx, which format "
                               f"'{self.format.value}' cannot express; use --format custom")
+        self._check_head_and_embedding()
         for rule in self.layer_rules:  # each rule must give a valid config on its own
             try:
                 dataclasses.replace(self, layer_rules=(), **rule.settings())
             except ConfigError as exc:
                 raise ConfigError(f"layer_config {rule.pattern!r}: {exc}") from None
 
-    def for_layer(self, names: Iterable[str]) -> "QuantConfig":
+    def _check_head_and_embedding(self) -> None:
+        if self.head_bits is not None and self.head_bits not in SUPPORTED_BITS:
+            raise ConfigError(f"head_bits: {self.head_bits} is not supported (choose float or one of 2, 3, 4, 8)")
+        if self.head_bits is not None and self.head_bits != self.bits:
+            try:
+                dataclasses.replace(self, bits=self.head_bits, head_bits=None)
+            except ConfigError as exc:
+                raise ConfigError(f"head_bits: {exc}") from None
+        if self.embedding_bits is None:
+            return
+        if self.embedding_bits not in contract.GATHER_BITS:
+            raise ConfigError(f"embedding_bits: {self.embedding_bits} is not supported (GatherBlockQuantized: "
+                              f"float or {' or '.join(map(str, contract.GATHER_BITS))})")
+        problem = contract.gather_group_problem(self.group_size)
+        if problem is not None:
+            raise ConfigError(f"group_size: the embedding cannot be written with {problem}; "
+                              "keep it float (--embedding float) or choose another group size")
+
+    def for_layer(self, names: Iterable[str], is_head: bool = False) -> "QuantConfig":
         """The config for a layer known by `names` (initializer, node and module names):
-        this one with every matching rule's settings applied in order, and no rules."""
+        this one with `head_bits` for the output head (`is_head`), then every matching
+        rule's settings applied in order, and no rules."""
         names = list(names)
         settings: dict[str, Any] = {}
+        if is_head and self.head_bits is not None and self.head_bits != self.bits:
+            settings["bits"] = self.head_bits  # layer rules naming the head still win
         for rule in self.layer_rules:
             if any(re.search(rule.pattern, n) for n in names):
                 settings.update(rule.settings())
@@ -311,7 +344,8 @@ class QuantConfig:
     @property
     def layers(self) -> LayerFilter:
         """The layer selection this config's include/exclude/quantize_head stand for."""
-        return LayerFilter(include=self.include, exclude=self.exclude, quantize_head=self.quantize_head)
+        return LayerFilter(include=self.include, exclude=self.exclude,
+                           quantize_head=self.quantize_head or self.head_bits is not None)
 
     @property
     def needs_g_idx(self) -> bool:

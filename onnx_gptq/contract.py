@@ -64,3 +64,22 @@ def matmulnbits_group_problem(bits: int, group_size: int) -> str | None:
         return (f"2-bit block of {group_size} (MatMulNBits takes 2-bit blocks of at most "
                 f"{MATMULNBITS_MAX_BLOCK_2BIT})")
     return None
+
+# --------------------------------------------------------------------------- com.microsoft.GatherBlockQuantized
+
+GATHER_OP_TYPE = "GatherBlockQuantized"
+#: Inputs in order; zero_points is optional (default 2^(bits-1), as MatMulNBits').
+GATHER_INPUTS = ("data", "indices", "scales", "zero_points")
+#: uint8 data: gather_axis must be 0 and quantize_axis the last one.
+GATHER_ATTRIBUTES = ("bits", "block_size", "gather_axis", "quantize_axis")
+#: Code widths written for embeddings (uint8 data: two 4-bit codes per byte, low nibble first).
+GATHER_BITS = (4, 8)
+#: Blocks are powers of two of at least this many columns (the same rule as MatMulNBits).
+GATHER_MIN_BLOCK = 16
+
+
+def gather_group_problem(group_size: int) -> str | None:
+    """Why GatherBlockQuantized cannot take this group size, or None when it can (-1: per row, fits)."""
+    if group_size == -1 or (group_size >= GATHER_MIN_BLOCK and not group_size & (group_size - 1)):
+        return None
+    return f"group size {group_size} (GatherBlockQuantized blocks are powers of two >= {GATHER_MIN_BLOCK}, or -1)"

@@ -50,6 +50,8 @@ class LayerQuantizer:
         self.store = store
         self.jobs, self.device = max(1, jobs), device
         self.taken: set[str] = set()
+        #: id of each output head's source -> (its group, what was written): a tied embedding may share it.
+        self.heads: dict[int, tuple[WeightGroup, rewrite.WrittenWeight]] = {}
         self.progress, self.total = progress, total
         self.bar: Any = None
 
@@ -58,7 +60,7 @@ class LayerQuantizer:
 
         hessian, rows = weight_hessian([t.activation.name for t in group.targets], stats)
         w = group.load()  # [K, N]; read from disk only now
-        config = self.config.for_layer(group.names)
+        config = self.config.for_layer(group.names, is_head=group.is_head)
         result = solve(w.T, hessian, config, scale_dtype=scale_dtype(group.dtype),
                        device=self.device, name=group.name)
         return result, rows
@@ -96,15 +98,17 @@ class LayerQuantizer:
 
     def _rewrite_all(self, groups: list[WeightGroup], results: Iterable[tuple[SolveResult, int]]) -> None:
         for group, (result, rows) in zip(groups, results):
-            config = self.config.for_layer(group.names)
+            config = self.config.for_layer(group.names, is_head=group.is_head)
             with self.phase("pack+rewrite"):
                 fmt, why = rewrite.choose_format(config.format, result.qweight, group.dtype, group.name,
                                                  config.accuracy_level)
                 if why:
                     self.report.format_notes.append(f"{group.name}: written as {fmt.value} ({why})")
-                rewrite.rewrite_group(self.model, group, result.qweight, fmt,
-                                      accuracy_level=config.accuracy_level, taken_names=self.taken,
-                                      store=self.store)
+                written = rewrite.rewrite_group(self.model, group, result.qweight, fmt,
+                                                accuracy_level=config.accuracy_level, taken_names=self.taken,
+                                                store=self.store)
+            if group.is_head:
+                self.heads[id(group.source)] = (group, written)
             k, n = group.shape
             self.report.layers.append(LayerRow(
                 name=group.name, module=group.targets[0].module, nodes=[t.name for t in group.targets],

@@ -1,11 +1,12 @@
 """Packed layouts of a :class:`QuantizedWeight`: the only place they are produced.
 
-Three layouts, all written from the solver's codes, scales and zero points
+Four layouts, all written from the solver's codes, scales and zero points
 unchanged (nothing is re-quantized here):
 
 * `pack_custom`   -> inputs of `onnx_gptq.GptqMatMul` (docs/CUSTOM_OP.md)
 * `pack_matmulnbits` -> inputs of `com.microsoft.MatMulNBits`
 * `pack_qdq`      -> blocked ONNX `DequantizeLinear` (opset 21) inputs
+* `pack_gather`   -> inputs of `com.microsoft.GatherBlockQuantized` (embedding tables)
 
 Each has an `unpack_*` inverse returning an equal QuantizedWeight, which the
 tests use to check the round trip bit for bit. No onnx import lives here.
@@ -18,7 +19,7 @@ import dataclasses
 import ml_dtypes
 import numpy as np
 
-from onnx_gptq.contract import (MATMULNBITS_BITS, MATMULNBITS_MAX_BLOCK_2BIT, MATMULNBITS_MIN_BLOCK,
+from onnx_gptq.contract import (GATHER_BITS, MATMULNBITS_BITS, MATMULNBITS_MAX_BLOCK_2BIT, MATMULNBITS_MIN_BLOCK,
                                 QDQ_BITS)
 from onnx_gptq.qweight import QuantizedWeight
 
@@ -270,3 +271,71 @@ def unpack_qdq(t: QDQTensors, bits: int) -> QuantizedWeight:
     return QuantizedWeight(codes=codes, scales=np.ascontiguousarray(scales),
                            zeros=np.ascontiguousarray(zeros), bits=bits,
                            group_size=k if t.block_size == 0 else t.block_size, sym=sym)
+
+
+# --------------------------------------------------------------------------- GatherBlockQuantized
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherTensors:
+    """Inputs 0, 2, 3 and attributes of `com.microsoft.GatherBlockQuantized` for a table [V, H].
+
+    uint8 data holds each row's codes as one little-endian bit stream (two 4-bit
+    codes per byte, low nibble first). The op's rows are `columns` codes wide
+    (`data.shape[1] * 8 / bits`); when that exceeds H (a padded MatMulNBits B, or
+    an odd H at 4 bits) a Slice after the op keeps the first H.
+    """
+
+    data: np.ndarray  # uint8 [V, columns * bits / 8]
+    scales: np.ndarray  # T [V, n_blocks]
+    zero_points: np.ndarray | None  # uint8 [V, ceil(n_blocks * bits / 8)]; None when symmetric
+    H: int
+    bits: int
+    block_size: int
+
+    @property
+    def columns(self) -> int:
+        return self.data.shape[1] * 8 // self.bits
+
+
+def gather_block_size(h: int, group_size: int) -> int | None:
+    """The GatherBlockQuantized block holding `group_size` columns of a row of `h` (None: none does)."""
+    return matmulnbits_block_size(h, group_size)  # the same power-of-two rule, per-row grids included
+
+
+def pack_gather(qw: QuantizedWeight) -> GatherTensors:
+    """A quantized table [V, H] (rows = tokens, groups along H) as GatherBlockQuantized inputs."""
+    v, h = qw.shape
+    block = gather_block_size(h, qw.group_size)
+    if qw.bits not in GATHER_BITS or block is None or qw.g_idx is not None:
+        raise ValueError(f"cannot pack as GatherBlockQuantized: {qw.bits}-bit g{qw.group_size}"
+                         f"{' with g_idx' if qw.g_idx is not None else ''}")
+    zero_points = None
+    if not qw.sym:
+        zero_points = pack_bits(qw.zeros.astype(np.uint8), qw.bits, qw.n_groups).reshape(v, -1)
+    return GatherTensors(data=pack_bits(qw.codes, qw.bits, h).reshape(v, -1),
+                         scales=np.ascontiguousarray(qw.scales), zero_points=zero_points,
+                         H=h, bits=qw.bits, block_size=block)
+
+
+def gather_from_matmulnbits(t: MatMulNBitsTensors) -> GatherTensors:
+    """The GatherBlockQuantized view of a head's MatMulNBits tensors (its weight is the table,
+    transposed): the same bytes, B as [N, n_blocks * blob] and scales as [N, n_blocks]."""
+    if t.bits not in GATHER_BITS:
+        raise ValueError(f"cannot share {t.bits}-bit MatMulNBits codes with GatherBlockQuantized")
+    n_blocks = t.B.shape[1]
+    zero_points = None if t.zero_points is None else t.zero_points.reshape(t.N, -1)
+    return GatherTensors(data=t.B.reshape(t.N, -1), scales=t.scales.reshape(t.N, n_blocks),
+                         zero_points=zero_points, H=t.K, bits=t.bits, block_size=t.block_size)
+
+
+def unpack_gather(t: GatherTensors, group_size: int) -> QuantizedWeight:
+    v = t.data.shape[0]
+    codes = unpack_bits(t.data.reshape(v, 1, -1), t.bits, t.columns, t.H)
+    n_blocks = t.scales.shape[1]
+    if t.zero_points is None:
+        zeros = _zeros_or_default(None, t.scales.shape, t.bits)
+    else:
+        zeros = unpack_bits(t.zero_points.reshape(v, 1, -1), t.bits, n_blocks, n_blocks)
+    return QuantizedWeight(codes=codes, scales=t.scales, zeros=zeros, bits=t.bits, group_size=group_size,
+                           sym=t.zero_points is None)

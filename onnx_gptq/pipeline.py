@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes
 
-from onnx_gptq import model_folder, model_io, rewrite, targets
+from onnx_gptq import embedding, model_folder, model_io, rewrite, targets
 from onnx_gptq.calibrate import statistics
 from onnx_gptq.config import Algo, CalibConfig, Format, LayerFilter, QuantConfig
 from onnx_gptq.errors import ConfigError, ModelError, UserError
@@ -96,18 +96,23 @@ class GptqPass(ir.passes.InPlacePass):
         quantizer = LayerQuantizer(model, self.config, report, phase, self.jobs, self.device, self.progress,
                                    total=len(groups), store=self.store)
         try:
-            if self.config.algo is Algo.GPTQ:
+            if self.config.algo is Algo.GPTQ and groups:
                 self._calibrate_and_solve(model, groups, quantizer, phase, calib)
             else:
                 quantizer(groups, {})  # round to nearest: no statistics
         finally:
             quantizer.close()
+        if self.config.embedding_bits is not None:
+            with phase("embedding"):  # after the head: a tied table may read its packed codes
+                embedding.quantize_embeddings(model, self.config, quantizer.heads, report, taken=quantizer.taken,
+                                              store=self.store, device=self.device)
         with phase("pack+rewrite"):
             rewrite.remove_unused(model)
         self._written = quantizer.taken
         for note in report.format_notes:
             logger.debug("%s", note)
-        return GptqResult(model, modified=bool(report.layers), report=report)
+        return GptqResult(model, modified=bool(report.layers or report.embeddings),
+                           report=report)
 
     def ensures(self, model: ir.Model) -> None:
         """Nothing to be written holds NaN or Inf (NonFiniteError naming the tensor)."""
@@ -120,6 +125,8 @@ class GptqPass(ir.passes.InPlacePass):
         if groups:
             _check_rules_match(self.config, groups)
             return groups
+        if self.config.embedding_bits is not None and embedding.find_embeddings(model):
+            return []  # only the embedding table to quantize (e.g. a model whose MatMuls already are)
         unmatched = [s.node for s in skips if s.reason == targets.NOT_INCLUDED]
         # Only when no weight matched an include pattern (then excluded, or the head, ...).
         others = [s for s in skips if s.reason.startswith(targets.SELECTION_REASONS)]

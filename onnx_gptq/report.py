@@ -66,6 +66,9 @@ class Report:
         calib: the CalibConfig (`CalibConfig.to_dict`); None when not calibrated (rtn).
         selection: the LayerFilter that chose the layers (`LayerFilter.to_dict`).
         run: execution settings (jobs, device).
+        embeddings: each embedding table written as GatherBlockQuantized: name, nodes,
+            shape [V, H], bits, block_size, shared (reads the head's codes), storage
+            (why shared or not), error (relative weight error of its own codes; None when shared).
     """
 
     config: dict[str, Any]
@@ -81,6 +84,7 @@ class Report:
     calib: dict[str, Any] | None = None
     selection: dict[str, Any] | None = None
     run: dict[str, Any] = dataclasses.field(default_factory=dict)
+    embeddings: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,6 +115,9 @@ class Report:
                 grids[key] = grids.get(key, 0) + 1
             if len(grids) > 1:
                 lines.append("mixed precision: " + ", ".join(f"{k} x{v}" for k, v in sorted(grids.items())))
+        for e in self.embeddings:
+            lines.append(f"embedding {e['name']} {e['shape'][0]}x{e['shape'][1]}: {e['bits']}-bit block "
+                         f"{e['block_size']} (GatherBlockQuantized), {e['storage']}")
         if self.size_before and self.size_after:
             lines.append(f"size: {_mib(self.size_before)} -> {_mib(self.size_after)} "
                          f"({100.0 * (1 - self.size_after / self.size_before):.1f}% smaller)")

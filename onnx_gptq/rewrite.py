@@ -12,6 +12,7 @@ and zero points unchanged; they are shared by all consumers of one weight.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable
@@ -108,15 +109,32 @@ def _unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
     return name
 
 
+@dataclasses.dataclass(frozen=True)
+class WrittenWeight:
+    """What `rewrite_group` wrote for one weight: its format and packed initializers.
+
+    Attributes:
+        format: the concrete format.
+        inputs: packed input name ("B", "scales", "zero_points", "g_idx", "codes") -> its initializer.
+        bits: code width.
+        block_size: the op's block (the group size, or MatMulNBits' power of two holding it).
+    """
+
+    format: Format
+    inputs: dict[str, ir.Value]
+    bits: int
+    block_size: int
+
+
 #: Turns a new initializer's array into the tensor the graph holds (e.g. one written to disk).
 TensorStore = Callable[[np.ndarray, str], ir.TensorProtocol]
 
 
-def _in_memory(array: np.ndarray, name: str) -> ir.TensorProtocol:
+def in_memory(array: np.ndarray, name: str) -> ir.TensorProtocol:
     return ir.Tensor(np.ascontiguousarray(array), name=name)
 
 
-class _Builder:
+class InitializerBuilder:
     """Adds initializers with unique names derived from a weight's name."""
 
     def __init__(self, graph: ir.Graph, base: str, taken: set[str], store: TensorStore) -> None:
@@ -151,7 +169,7 @@ def _const_bias(target: Target, n: int, dtype: ir.DataType) -> np.ndarray | None
     return _cast(np.broadcast_to(c.reshape(-1), (n,)) * np.float32(target.bias_scale), dtype)
 
 
-def _replace_output(graph: ir.Graph, old: ir.Node, new_output: ir.Value) -> None:
+def replace_output(graph: ir.Graph, old: ir.Node, new_output: ir.Value) -> None:
     old_output = old.outputs[0]
     new_output.shape = old_output.shape
     new_output.type = old_output.type
@@ -166,7 +184,7 @@ def _replace_output(graph: ir.Graph, old: ir.Node, new_output: ir.Value) -> None
 
 
 def _packed_node(target: Target, op: tuple[str, str], inputs: list[ir.Value | None],
-                 attributes: dict[str, int], builder: _Builder, n: int) -> None:
+                 attributes: dict[str, int], builder: InitializerBuilder, n: int) -> None:
     """Put a packed op in place of `target.node` (Gemm's bias folded in when constant)."""
     graph = target.node.graph
     assert graph is not None
@@ -192,11 +210,12 @@ def _packed_node(target: Target, op: tuple[str, str], inputs: list[ir.Value | No
                       name=f"{target.name}_bias")
         graph.insert_before(target.node, add)
         result = add.outputs[0]
-    _replace_output(graph, target.node, result)
+    replace_output(graph, target.node, result)
     graph.remove(target.node, safe=True)
 
 
-def _rewrite_ort(group: WeightGroup, qw: QuantizedWeight, builder: _Builder, accuracy_level: int) -> None:
+def _rewrite_ort(group: WeightGroup, qw: QuantizedWeight, builder: InitializerBuilder,
+                 accuracy_level: int) -> WrittenWeight:
     t = pack.pack_matmulnbits(qw)
     dtype = group.dtype
     inputs = [builder.initializer("B", t.B), builder.initializer("scales", _cast(t.scales, dtype))]
@@ -209,9 +228,16 @@ def _rewrite_ort(group: WeightGroup, qw: QuantizedWeight, builder: _Builder, acc
                   "accuracy_level": accuracy_level}
     for target in group.targets:
         _packed_node(target, (ORT_DOMAIN, contract.MATMULNBITS_OP_TYPE), inputs, attributes, builder, t.N)
+    return _written(Format.ORT, contract.MATMULNBITS_INPUTS[1:], inputs, t.bits, t.block_size)
 
 
-def _rewrite_custom(group: WeightGroup, qw: QuantizedWeight, builder: _Builder, accuracy_level: int) -> None:
+def _written(fmt: Format, names: tuple[str, ...], inputs: list[ir.Value | None], bits: int,
+             block_size: int) -> WrittenWeight:
+    return WrittenWeight(fmt, {n: v for n, v in zip(names, inputs) if v is not None}, bits, block_size)
+
+
+def _rewrite_custom(group: WeightGroup, qw: QuantizedWeight, builder: InitializerBuilder,
+                    accuracy_level: int) -> WrittenWeight:
     t = pack.pack_custom(qw)
     dtype = group.dtype
     inputs = [
@@ -225,9 +251,10 @@ def _rewrite_custom(group: WeightGroup, qw: QuantizedWeight, builder: _Builder, 
         attributes[contract.GPTQ_OPTIONAL_ATTRIBUTES[0]] = accuracy_level
     for target in group.targets:
         _packed_node(target, (CUSTOM_DOMAIN, CUSTOM_OP_TYPE), inputs, attributes, builder, t.N)
+    return _written(Format.CUSTOM, contract.GPTQ_INPUTS[1:], inputs, t.bits, t.block_size)
 
 
-def _rewrite_qdq(group: WeightGroup, qw: QuantizedWeight, builder: _Builder) -> None:
+def _rewrite_qdq(group: WeightGroup, qw: QuantizedWeight, builder: InitializerBuilder) -> WrittenWeight:
     t = pack.pack_qdq(qw)
     dtype = group.dtype
     inputs: list[ir.Value | None] = [builder.initializer("codes", t.codes),
@@ -250,11 +277,12 @@ def _rewrite_qdq(group: WeightGroup, qw: QuantizedWeight, builder: _Builder) -> 
             # The codes already hold transB and alpha: W is [K, N] and scaled.
             target.node.attributes["transB"] = ir.AttrInt64("transB", 0)
             target.node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
+    return _written(Format.QDQ, ("codes", "scales", "zero_points"), inputs, qw.bits, t.block_size)
 
 
 def rewrite_group(model: ir.Model, group: WeightGroup, qw: QuantizedWeight, fmt: Format,
                   *, accuracy_level: int = 0, taken_names: set[str] | None = None,
-                  store: TensorStore | None = None) -> None:
+                  store: TensorStore | None = None) -> WrittenWeight:
     """Replace every consumer of `group`'s weight by the packed form of `qw`.
 
     Args:
@@ -267,22 +295,23 @@ def rewrite_group(model: ir.Model, group: WeightGroup, qw: QuantizedWeight, fmt:
         taken_names: names already used by earlier rewrites (updated).
         store: makes the tensor of each new initializer (default: in memory;
             `model_io.PackedWeightFile` writes them to disk instead).
+    Returns:
+        The format and the packed initializers written (a tied embedding may share them).
     """
-    builder = _Builder(model.graph, group.name, taken_names if taken_names is not None else set(),
-                       store or _in_memory)
+    builder = InitializerBuilder(model.graph, group.name, taken_names if taken_names is not None else set(),
+                                 store or in_memory)
     if fmt is Format.ORT:
-        _rewrite_ort(group, qw, builder, accuracy_level)
         model.opset_imports.setdefault(ORT_DOMAIN, 1)
-    elif fmt is Format.CUSTOM:
-        _rewrite_custom(group, qw, builder, accuracy_level)
+        return _rewrite_ort(group, qw, builder, accuracy_level)
+    if fmt is Format.CUSTOM:
         model.opset_imports.setdefault(CUSTOM_DOMAIN, 1)
-    elif fmt is Format.QDQ:
+        return _rewrite_custom(group, qw, builder, accuracy_level)
+    if fmt is Format.QDQ:
         if model_io.default_opset(model) < QDQ_MIN_OPSET:
             raise ValueError(f"blocked DequantizeLinear needs opset >= {QDQ_MIN_OPSET}: "
                              "convert with model_io.with_opset first")
-        _rewrite_qdq(group, qw, builder)
-    else:
-        raise ValueError(f"rewrite_group needs a concrete format, got {fmt}")
+        return _rewrite_qdq(group, qw, builder)
+    raise ValueError(f"rewrite_group needs a concrete format, got {fmt}")
 
 
 def remove_unused(model: ir.Model) -> None:

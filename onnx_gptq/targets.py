@@ -114,7 +114,7 @@ class WeightGroup:
 
     def load(self) -> np.ndarray:
         """The effective weight as float32 [K, N] (read from disk only now)."""
-        tensor = _const_tensor(self.source)
+        tensor = const_tensor(self.source)
         assert tensor is not None
         w = tensor.numpy()
         for op, attr in self.steps:
@@ -131,7 +131,7 @@ class WeightGroup:
         return w
 
 
-def _const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
+def const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
     if value.const_value is not None:
         return value.const_value
     producer = value.producer()
@@ -142,14 +142,14 @@ def _const_tensor(value: ir.Value) -> ir.TensorProtocol | None:
     return None
 
 
-def _trace_weight(value: ir.Value) -> tuple[ir.Value, list[tuple[str, object]]] | str:
+def trace_weight(value: ir.Value) -> tuple[ir.Value, list[tuple[str, object]]] | str:
     """Follow `value` back through pass-through ops to a constant.
 
     Returns the constant and the steps from it (innermost first), or a reason.
     """
     steps: list[tuple[str, object]] = []
     current = value
-    while _const_tensor(current) is None:
+    while const_tensor(current) is None:
         producer = current.producer()
         if producer is None:
             if current.is_graph_input():
@@ -233,16 +233,16 @@ def _target_or_reason(node: ir.Node) -> tuple[Target, ir.Value, list, float] | s
         alpha = node.attributes.get_float("alpha", 1.0)
         beta = node.attributes.get_float("beta", 1.0)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-    traced = _trace_weight(weight)
+    traced = trace_weight(weight)
     if isinstance(traced, str):
         return traced
     source, steps = traced
     if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
         steps = [*steps, ("Transpose", None)]
-    shape = source.shape if source.shape is not None else _const_tensor(source).shape  # type: ignore[union-attr]
+    shape = source.shape if source.shape is not None else const_tensor(source).shape  # type: ignore[union-attr]
     if shape is None or len(shape) != 2:
         return f"weight '{weight.name}' is {len(shape) if shape else '?'}-D (only 2-D weights are quantized)"
-    tensor = _const_tensor(source)
+    tensor = const_tensor(source)
     if tensor is None or tensor.dtype not in _FLOAT_TYPES:
         return f"weight '{weight.name}' has dtype {tensor.dtype if tensor else '?'} (needs float)"
     if source.shape is None:

@@ -266,7 +266,7 @@ def _vocab_size(graph: _Graph) -> int | None:
             continue
         seen.add(name)
         for node in graph.consumers.get(name, []):
-            if node.op_type == "Gather" and len(node.inputs) > 1 and _name(node, 1) == name:
+            if node.op_type in ("Gather", "GatherBlockQuantized") and len(node.inputs) > 1 and _name(node, 1) == name:
                 axis = node.attributes.get_int("axis", 0)
                 rows = _table_rows(_name(node, 0), graph) if axis == 0 else None
                 if rows:
@@ -282,18 +282,21 @@ def _vocab_size(graph: _Graph) -> int | None:
 
 
 def _table_rows(name: str, graph: _Graph) -> int | None:
-    """First dim of a constant 2-D table, following Identity/Cast/DequantizeLinear back to it."""
+    """First dim of a constant table, following Identity/Cast/DequantizeLinear/Reshape back to it
+    (a shared GatherBlockQuantized reads the head's [V, blocks, blob] codes through a Reshape)."""
+    reshaped = False
     for _ in range(3):
         if name in graph.inits:
             dims = graph.inits[name]
-            return int(dims[0]) if len(dims) == 2 else None
+            return int(dims[0]) if len(dims) == 2 or (reshaped and len(dims) == 3) else None
         node = graph.producers.get(name)
         if node is not None and node.op_type == "Constant":
             attr = node.attributes.get("value")
             tensor = attr.as_tensor() if attr is not None and attr.type == ir.AttributeType.TENSOR else None
             return int(tensor.shape[0]) if tensor is not None and len(tensor.shape) == 2 else None
-        if node is None or node.op_type not in ("Identity", "Cast", "DequantizeLinear") or not node.inputs:
+        if node is None or node.op_type not in ("Identity", "Cast", "DequantizeLinear", "Reshape") or not node.inputs:
             return None
+        reshaped = reshaped or node.op_type == "Reshape"
         name = _name(node, 0)
     return None
 
