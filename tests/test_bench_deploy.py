@@ -145,6 +145,7 @@ def test_head_and_embedding_rows_follow_the_cli_at_hand() -> None:
     later = bench_deploy.head_embedding_rows({"--head", "--embedding", "--bits"})
     assert [(r.name, r.args) for r in later] == [
         ("gptq-float-head-embed", ("--head", "float", "--embedding", "float")),
+        ("gptq-head4-embed4", ("--head", "4", "--embedding", "4")),
         ("gptq-head8-embed8", ("--head", "8", "--embedding", "8"))]
     before = bench_deploy.head_embedding_rows({"--quantize-head", "--bits"})
     assert [(r.name, r.args) for r in before] == [("gptq-float-head-embed", ()), ("gptq-head", ("--quantize-head",))]
