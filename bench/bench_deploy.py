@@ -78,15 +78,15 @@ def head_embedding_rows(cli_options: set[str]) -> list[DeployRow]:
     Args:
         cli_options: the option strings of ``onnx-gptq``'s parser.
     Returns:
-        Rows "gptq-float-head-embed" (both float) and one with both at 8 bits, where the CLI
-        has ``--head`` / ``--embedding``; before those existed (head and embedding float by
+        Rows "gptq-float-head-embed" (both float) and with both at 4 and at 8 bits, where the
+        CLI has ``--head`` / ``--embedding``; before those existed (head and embedding float by
         default), the float row is the defaults and the other quantizes the head.
     """
     if {"--head", "--embedding"} <= cli_options:
         return [DeployRow("gptq-float-head-embed", "onnx-gptq, head and embedding float", "onnx-gptq",
                           ("--head", "float", "--embedding", "float")),
-                DeployRow("gptq-head8-embed8", "onnx-gptq, head and embedding 8-bit", "onnx-gptq",
-                          ("--head", "8", "--embedding", "8"))]
+                *(DeployRow(f"gptq-head{b}-embed{b}", f"onnx-gptq, head and embedding {b}-bit", "onnx-gptq",
+                            ("--head", b, "--embedding", b)) for b in ("4", "8"))]
     return [DeployRow("gptq-float-head-embed", "onnx-gptq, head and embedding float (its defaults then)",
                       "onnx-gptq"),
             DeployRow("gptq-head", "onnx-gptq --quantize-head", "onnx-gptq", ("--quantize-head",))]

@@ -5,8 +5,10 @@ through onnxruntime-genai's model builder for the CPU: an fp32 folder with a
 KV cache, and the builder's own int4 folder for comparison. The plain CLI
 quantizes the fp32 folder (``onnx-gptq FOLDER --calib sotu_before_2000.txt -o
 OUT``, calibrated on State of the Union addresses before 2000). Each folder
-then answers the same chat prompt greedily in onnxruntime-genai, with its KV
-cache, and the demo prints the answers one above the other, then a table:
+then answers the same chat prompt greedily through ``onnx-gptq generate
+FOLDER --chat`` (onnxruntime with the KV cache), and the demo prints the
+answers one above the other, then a table whose speed columns come from
+greedy generation in onnxruntime-genai, the runtime these folders deploy to:
 perplexity on addresses from 2000 on (and KL / top-1 against fp32), folder
 size, peak memory of the generating process, first-token latency and greedy
 decode throughput, each also as a change against fp32 (the columns of Keras'
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_deploy  # noqa: E402
+from devtools.measured_run import ChildFailed, python_env, run_measured  # noqa: E402
 
 DEFAULT_PROMPT = "Write two sentences about why a small model can still be useful."
 DEMO_ROWS = (bench_deploy.REFERENCE, bench_deploy.BUILDER_TARGET, bench_deploy.OURS_TARGET)
@@ -74,26 +77,41 @@ def before_after(results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def chat_prompt_ids(prompt: str) -> list[int]:
-    """`prompt` as one user turn in SmolLM2's chat template, ready for the assistant's answer."""
-    import transformers
+def generate_text(folder: str | Path, prompt: str, new_tokens: int) -> dict[str, Any]:
+    """``onnx-gptq generate FOLDER --prompt PROMPT --chat --json`` in a child: the answer and its ids.
 
-    from devtools import llm_folders
+    Args:
+        folder: a model folder.
+        prompt: the user turn.
+        new_tokens: --max-new-tokens.
+    Returns:
+        The command's JSON (text, prompt_ids, token_ids, speeds; see onnx_gptq.tools.generate).
+    Raises:
+        ChildFailed: the command failed.
+    """
+    command = [sys.executable, "-m", "onnx_gptq.cli", "generate", str(folder), "--prompt", prompt, "--chat",
+               "--max-new-tokens", str(new_tokens), "--json"]
+    run = run_measured(command, env=python_env(str(bench_deploy.REPO))).check(f"onnx-gptq generate {folder}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(llm_folders.smollm2_hf_folder()))
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=False)
-    return [int(i) for i in (ids["input_ids"] if isinstance(ids, dict) else ids)]
 
-
-def decode(ids: Sequence[int]) -> str:
-    """Token ids as text, special tokens dropped."""
-    import transformers
-
-    from devtools import llm_folders
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(llm_folders.smollm2_hf_folder()))
-    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+def _answers(results: Sequence[dict[str, Any]], prompt: str, new_tokens: int) -> list[str]:
+    """Each row's answer from onnx-gptq generate, and whether onnxruntime-genai's greedy tokens agree."""
+    lines = []
+    for r in results:
+        if "folder" not in r:
+            lines.append(f"--- {r['label']}: failed: {r.get('error')}\n")
+            continue
+        try:
+            answer = generate_text(r["folder"], prompt, new_tokens)
+        except ChildFailed as exc:
+            lines.append(f"--- {r['label']}: onnx-gptq generate failed: {exc.reason}\n")
+            continue
+        ours, theirs = answer["token_ids"], r.get("text_ids", [])
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        lines.append(f"--- {r['label']} (onnx-gptq generate: decode {answer['decode_tokens_per_s']:.1f} tok/s; "
+                     f"its first {same} of {len(ours)} tokens equal onnxruntime-genai's):\n{answer['text'].strip()}\n")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,19 +136,20 @@ def main(argv: list[str] | None = None) -> int:
           f"1790-1999, evaluated on {settings.eval_windows} windows of {settings.eval_seq_len} tokens from "
           "2000-2021. This takes a few minutes on 2 cores.", flush=True)
     inputs = bench_deploy.prepare_inputs(settings, work)
-    ids = chat_prompt_ids(args.prompt)
+    reference, _ = bench_deploy.produce(bench_deploy.ROWS[0], settings, work, inputs["calib"])
+    # onnxruntime-genai is timed on exactly the ids onnx-gptq generate feeds (chat template included).
+    ids = generate_text(reference, args.prompt, 1)["prompt_ids"]
     inputs["prompt"] = work / f"chat-prompt-{bench_deploy.cache_key(ids)}.json"
     inputs["prompt"].write_text(json.dumps(ids))
     rows = [dataclasses.replace(r, label=LABELS[r.name]) for r in bench_deploy.select_rows(",".join(DEMO_ROWS))]
     results = [bench_deploy.measure_row(row, settings, work, inputs, retime=False) for row in rows]
-    print(f"\nPrompt: {args.prompt}\n(greedy, {settings.new_tokens} new tokens at most, "
-          "onnxruntime-genai with its KV cache)\n")
-    for r in results:
-        print(f"--- {r['label']}:\n{decode(r['text_ids']) if 'text_ids' in r else 'failed: ' + r['error']}\n")
+    print(f"\nPrompt: {args.prompt}\n(greedy, {settings.new_tokens} new tokens at most, `onnx-gptq generate "
+          "FOLDER --chat`, with the KV cache)\n")
+    print("\n".join(_answers(results, args.prompt, settings.new_tokens)))
     print(before_after(results))
-    print(f"\nmemory = peak RSS of the process that generated; first token = prefill of the "
-          f"{len(ids)}-token prompt; decode = greedy tokens/s after the first, with the KV cache (best of "
-          f"{settings.repeats}).")
+    print(f"\nSpeed and memory: onnxruntime-genai with its KV cache, greedy, best of {settings.repeats}; memory = "
+          f"peak RSS of the process that generated; first token = prefill of the {len(ids)}-token prompt; "
+          "decode = tokens/s after the first.")
     print(bench_deploy.verdict_text(bench_deploy.verdict(results)))
     return 0
 

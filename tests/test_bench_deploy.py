@@ -9,7 +9,6 @@ child on a tiny random-weight Llama through the builder.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_deploy  # noqa: E402
 import genai_speed  # noqa: E402
 from devtools import measured_run  # noqa: E402
+from tests.folder_models import PROMPT, VOCAB, genai_greedy  # noqa: E402
 
 
 def _row(name: str, **values: float) -> dict[str, object]:
@@ -105,56 +105,33 @@ def test_run_measured_failures_name_the_step_and_its_last_error_line() -> None:
     assert slow.returncode != 0 and slow.seconds < 10
 
 
-def _tiny_builder_folder(tmp: Path) -> Path:
-    """A 2-layer random Llama (vocab 256) with a word-level tokenizer, through the builder (fp32, CPU)."""
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from tests.tiny_models import build_llama
-    from devtools.llm_folders import builder_command
-
-    hf = tmp / "hf"
-    build_llama(seed=0).save_pretrained(hf)
-    words = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {f"w{i}": i for i in range(4, 256)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                                         unk_token="<unk>", pad_token="<pad>").save_pretrained(hf)
-    out = tmp / "genai"
-    subprocess.run(builder_command(hf, out, "fp32", tmp / "cache"), check=True, capture_output=True, timeout=300)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_genai_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny_builder_folder(tmp_path_factory.mktemp("genai"))
-
-
-def test_genai_speed_child_times_kv_cache_generation(tiny_genai_folder: Path, tmp_path: Path) -> None:
+def test_genai_speed_child_times_kv_cache_generation(genai_folder: Path, tmp_path: Path) -> None:
     prompt = tmp_path / "prompt.json"
-    prompt.write_text(json.dumps(list(range(10, 42))))
-    run = measured_run.run_measured([sys.executable, str(ROOT / "bench" / "genai_speed.py"), str(tiny_genai_folder),
+    prompt.write_text(json.dumps([1, *range(4, 35)]))
+    run = measured_run.run_measured([sys.executable, str(ROOT / "bench" / "genai_speed.py"), str(genai_folder),
                                      "--prompt-ids", str(prompt), "--new-tokens", "8", "--repeats", "2"],
                                     env=measured_run.python_env(str(ROOT)))
     result = run.result("timing")
     assert result["generated"] == len(result["text_ids"]) <= 8
-    assert all(0 <= t < 256 for t in result["text_ids"])
+    assert all(0 <= t < VOCAB for t in result["text_ids"])
     assert result["first_token_ms"] > 0 and result["prefill_tok_s"] > 0
     if result["generated"] > 1:
         assert result["decode_tok_s"] > 0
     assert 0 < result["run_rss_mb"] <= run.peak_rss_mb + 1
 
 
-def test_generation_is_greedy_and_repeatable(tiny_genai_folder: Path) -> None:
+def test_generation_is_greedy_and_repeatable(genai_folder: Path) -> None:
     import onnxruntime_genai as og
 
-    model = og.Model(str(tiny_genai_folder))
-    first = genai_speed.one_generation(model, [1, 20, 30, 40], 6)
-    again = genai_speed.one_generation(model, [1, 20, 30, 40], 6)
+    model = og.Model(str(genai_folder))
+    first = genai_speed.one_generation(model, PROMPT, 6)
+    again = genai_speed.one_generation(model, PROMPT, 6)
     assert first["tokens"] == again["tokens"]
+    # The same greedy continuation as the folder tests' own onnxruntime-genai loop.
+    assert first["tokens"] == genai_greedy(genai_folder, 6)[0][:len(first["tokens"])]
     assert first["first_token_s"] >= first["prefill_s"] > 0
     with pytest.raises(ValueError, match="new_tokens 1 must be >= 2"):
-        genai_speed.measure(tiny_genai_folder, [1, 2], 1, 1)
+        genai_speed.measure(genai_folder, [1, 2], 1, 1)
 
 
 def test_folder_mb_counts_the_files_of_a_folder(tmp_path: Path) -> None:
@@ -168,6 +145,7 @@ def test_head_and_embedding_rows_follow_the_cli_at_hand() -> None:
     later = bench_deploy.head_embedding_rows({"--head", "--embedding", "--bits"})
     assert [(r.name, r.args) for r in later] == [
         ("gptq-float-head-embed", ("--head", "float", "--embedding", "float")),
+        ("gptq-head4-embed4", ("--head", "4", "--embedding", "4")),
         ("gptq-head8-embed8", ("--head", "8", "--embedding", "8"))]
     before = bench_deploy.head_embedding_rows({"--quantize-head", "--bits"})
     assert [(r.name, r.args) for r in before] == [("gptq-float-head-embed", ()), ("gptq-head", ("--quantize-head",))]
