@@ -2,7 +2,7 @@
 
 Each row is BITS:FLAGS with flags joined by '+': rtn, gptq, act (act-order is the
 default since this measurement; 'gptq' means without act-order here), sym, mse, seq
-(--sequential). Calibration: 128 windows of 512 tokens from State of the Union
+(--sequential), dN (damp N, e.g. d0.05). Calibration: 128 windows of 512 tokens from State of the Union
 addresses before 2000; evaluation: perplexity, KL and top-1 against fp32 on 16
 windows of 512 tokens from 2000 on.
 
@@ -37,6 +37,7 @@ for row in rows:
         kw["sym"] = True
     if "mse" in flags:
         kw["mse"] = True
+    kw.update(("damp", float(f[1:])) for f in flags if f.startswith("d"))
     out = work / f"q_{row.replace(':', '_').replace('+', '_')}.onnx"
     t = time.time()
     quantize_with_report(ref, calib, QuantConfig(**kw), calib=CalibConfig(num_samples=n, seq_len=512,
