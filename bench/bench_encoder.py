@@ -18,7 +18,8 @@ Rows are METHOD:gGROUP[:dDAMP] (METHOD rtn or gptq), e.g.
 
 The first argument names the calibration text: austen (the six novels'
 paragraphs) or sotu (State of the Union addresses before 2000); the second the
-number of calibration samples (seq_len 128).
+number of calibration samples (seq_len 128). The GPTQ rows share one set of
+Hessians (devtools.hessian_memo): quant times after the first are solve times.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devtools import assets, text_assets  # noqa: E402
+from devtools.hessian_memo import reuse_hessians  # noqa: E402
 from onnx_gptq.config import CalibConfig, QuantConfig  # noqa: E402
 from onnx_gptq.pipeline import quantize_with_report  # noqa: E402
 
@@ -138,24 +140,25 @@ def main() -> None:
     print(f"held-out: {len(sentences)} Python-tutorial sentences; calibration: {args.domain}, "
           f"{args.num_samples} samples x <= {SEQ_LEN} tokens; W{args.bits}, accuracy_level {args.accuracy_level}")
     print(f"{'fp32':18s} cos 1.00000 top1 {fidelity(fp32, fp32)[1]:.4f}", flush=True)
-    for row in args.rows.split(","):
-        method, group, *rest = row.split(":")
-        damp = float(rest[0][1:]) if rest else QuantConfig().damp
-        config = QuantConfig(bits=args.bits, group_size=int(group[1:]), algo=method, damp=damp,
-                             accuracy_level=args.accuracy_level)
-        out = work / f"q_{args.domain}_{args.bits}_{row.replace(':', '_')}.onnx"
-        start = time.perf_counter()
-        quantize_with_report(reference, str(calib), config, output=out, tokenizer=tokenizer_json,
-                             calib=CalibConfig(num_samples=args.num_samples, seq_len=SEQ_LEN, split="samples"))
-        seconds = time.perf_counter() - start
-        cos, top1 = fidelity(embed(out, tokenizer_json, sentences), fp32)
-        label = f"{method} g{group[1:]}" + (f" d{damp:g}" if method == "gptq" else "")
-        print(f"{label:18s} cos {cos:.5f} top1 {top1:.4f} quant {seconds:.0f}s", flush=True)
-        if args.json:
-            with open(args.json, "a", encoding="utf-8") as f:
-                f.write(json.dumps(dict(domain=args.domain, bits=args.bits, method=method, group=int(group[1:]),
-                                        damp=damp if method == "gptq" else None, cos=cos, top1=top1,
-                                        n=args.num_samples, seconds=seconds)) + "\n")
+    with reuse_hessians():  # GPTQ rows after the first solve on its Hessians
+        for row in args.rows.split(","):
+            method, group, *rest = row.split(":")
+            damp = float(rest[0][1:]) if rest else QuantConfig().damp
+            config = QuantConfig(bits=args.bits, group_size=int(group[1:]), algo=method, damp=damp,
+                                 accuracy_level=args.accuracy_level)
+            out = work / f"q_{args.domain}_{args.bits}_{row.replace(':', '_')}.onnx"
+            start = time.perf_counter()
+            quantize_with_report(reference, str(calib), config, output=out, tokenizer=tokenizer_json,
+                                 calib=CalibConfig(num_samples=args.num_samples, seq_len=SEQ_LEN, split="samples"))
+            seconds = time.perf_counter() - start
+            cos, top1 = fidelity(embed(out, tokenizer_json, sentences), fp32)
+            label = f"{method} g{group[1:]}" + (f" d{damp:g}" if method == "gptq" else "")
+            print(f"{label:18s} cos {cos:.5f} top1 {top1:.4f} quant {seconds:.0f}s", flush=True)
+            if args.json:
+                with open(args.json, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(dict(domain=args.domain, bits=args.bits, method=method, group=int(group[1:]),
+                                            damp=damp if method == "gptq" else None, cos=cos, top1=top1,
+                                            n=args.num_samples, seconds=seconds)) + "\n")
 
 
 if __name__ == "__main__":
