@@ -42,7 +42,6 @@ from onnx_gptq.pipeline import quantize_with_report  # noqa: E402
 
 logger = logging.getLogger("bench_encoder")
 SEQ_LEN = 128
-ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def export_encoder(work: Path) -> Path:
@@ -51,32 +50,14 @@ def export_encoder(work: Path) -> Path:
     onnx_path = folder / "model.onnx"
     if onnx_path.is_file():
         return onnx_path
-    import torch
-    from transformers import AutoModel
+    from transformers import BertModel
+
+    from tests.tiny_models import export_bert  # the tests' BERT export (TorchScript, dynamic axes)
 
     source = assets.minilm_folder()
-    model = AutoModel.from_pretrained(source, dtype=torch.float32).eval()
-
-    class LastHidden(torch.nn.Module):
-        """The encoder's last_hidden_state only (pooling is the bench's)."""
-
-        def __init__(self, bert: torch.nn.Module) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask, token_type_ids):  # noqa: ANN001, ANN201
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids).last_hidden_state
-
     folder.mkdir(parents=True, exist_ok=True)
-    ids = torch.randint(1000, 2000, (2, 16))
-    axes = {n: {0: "batch", 1: "sequence"} for n in ENCODER_INPUTS}
-    with torch.no_grad():
-        torch.onnx.export(LastHidden(model), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(onnx_path),
-                          input_names=list(ENCODER_INPUTS), output_names=["last_hidden_state"],
-                          dynamic_axes={**axes, "last_hidden_state": {0: "batch", 1: "sequence"}},
-                          opset_version=17, dynamo=False)
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+    export_bert(BertModel.from_pretrained(str(source)).eval(), onnx_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (source / name).is_file():
             shutil.copy(source / name, folder / name)
     return onnx_path
