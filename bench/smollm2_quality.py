@@ -9,7 +9,8 @@ windows of 512 tokens from 2000 on.
     python bench/smollm2_quality.py 128 "3:rtn,3:act,3:act+seq,4:rtn,4:act"
 
 An optional third argument, austen, calibrates on Jane Austen's novels instead
-(out-of-domain for the evaluation text). Rows without seq share one set of
+(out-of-domain for the evaluation text); an optional fourth, the number of
+evaluation windows (default 16). Rows without seq share one set of
 one-pass Hessians (devtools.hessian_memo): quant times after the first are solve times.
 """
 import sys
@@ -31,7 +32,8 @@ rows = sys.argv[2].split(",")
 domain = sys.argv[3] if len(sys.argv) > 3 else "sotu"
 if domain == "austen":
     calib = str(text_assets.austen_text_file())
-fp32 = evaluate(ref, ev, tok, seq_len=512, max_windows=16)
+windows = int(sys.argv[4]) if len(sys.argv) > 4 else 16
+fp32 = evaluate(ref, ev, tok, seq_len=512, max_windows=windows)
 print(f"fp32           ppl {fp32.perplexity:.2f}", flush=True)
 with reuse_hessians():
     for row in rows:
@@ -52,6 +54,6 @@ with reuse_hessians():
         quantize_with_report(ref, calib, QuantConfig(**kw), calib=CalibConfig(num_samples=n, seq_len=512,
                              sequential="seq" in flags), tokenizer=tok, output=out)
         qt = time.time() - t
-        r = evaluate(out, ev, tok, reference=ref, seq_len=512, max_windows=16)
+        r = evaluate(out, ev, tok, reference=ref, seq_len=512, max_windows=windows)
         print(f"{row:14s} {domain} n={n} ppl {r.perplexity:.2f} (+{r.perplexity - fp32.perplexity:.2f}) kl {r.kl:.4f} "
               f"top1 {r.top1:.3f} quant {qt:.0f}s", flush=True)
