@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 FORCE:
 
-.PHONY: demo test test-slow test-cuda test-oldest-ort install sanitize bench-llm bench-vs-ort clean
+.PHONY: demo test optimum-venv test-slow test-cuda test-oldest-ort install sanitize bench-llm bench-vs-ort bench-deploy clean
 
 # The editable install maps each module to its file: when modules are added,
 # moved or removed, it must be made again (the list is rewritten only when it changes).
@@ -30,8 +30,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) bench/demo.py
 
-test: $(STAMP)
+test: $(STAMP) optimum-venv
 	$(PY) -m pytest -q
+
+# Optimum's exporter and ORTModelForCausalLM (optimum-onnx) pin transformers 4.x,
+# which clashes with the project's 5.x, so they get a venv of their own; the
+# folder tests run its python in a subprocess (tests/optimum_roundtrip.py) and
+# skip when it is missing. CPU torch first, pinned, as above.
+OPTIMUM_VENV := build/venv-optimum
+$(OPTIMUM_VENV)/.installed:
+	$(PYTHON) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OPTIMUM_VENV)/bin/python -m pip install -q optimum-onnx onnxruntime
+	touch $@
+
+optimum-venv: $(OPTIMUM_VENV)/.installed
 
 # The benchmarks recorded in docs/BENCHMARKS.md (tens of minutes on 2 cores).
 bench-llm: $(STAMP)
@@ -39,6 +52,11 @@ bench-llm: $(STAMP)
 
 bench-vs-ort: $(STAMP)
 	$(PY) bench/bench_vs_ort.py --num-samples 32 --seq-len 256 --sym --markdown bench-vs-ort.md
+
+# issue 11's deployment benchmark: onnx-gptq's folders against onnxruntime-genai's builder int4
+# (finished rows are cached: a rerun measures only what changed; ROWS=a,b picks rows).
+bench-deploy: $(STAMP)
+	$(PY) bench/bench_deploy.py $(if $(ROWS),--rows $(ROWS)) --json bench-deploy.json --markdown bench-deploy.md
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from devtools.measured_run import peak_rss_mb  # noqa: E402
 
 logger = logging.getLogger("bench_llm")
 
@@ -118,22 +119,6 @@ class Settings:
 # Child processes: quantize one row / time one model, reporting peak RSS
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident set, in MiB.
-
-    VmHWM belongs to the address space created at exec, whereas getrusage's
-    ru_maxrss survives exec and would report the parent's peak if it was larger.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
 def _child_quantize(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     if spec["kind"] in ("ort-gptq", "ort-default"):
@@ -149,7 +134,7 @@ def _child_quantize(spec: dict[str, Any]) -> dict[str, Any]:
         _, report = quantize_with_report(spec["model"], calibration, config, calib=calib,
                                          output=spec["output"])
         logger.info("%s: %s", spec["output"], report.summary().replace("\n", "; "))
-    return {"quant_s": time.perf_counter() - start, "quant_rss_mb": _peak_rss_mb()}
+    return {"quant_s": time.perf_counter() - start, "quant_rss_mb": peak_rss_mb()}
 
 
 def _ort_quantizer(spec: dict[str, Any]) -> None:
@@ -215,7 +200,7 @@ def _child_speed(model: str, prompt_len: int) -> dict[str, Any]:
     prefill = median_latency(prompt_len, 5)
     decode = median_latency(1, 30)
     return {"first_token_ms": 1000 * prefill, "prefill_tok_s": prompt_len / prefill,
-            "decode_tok_s": 1.0 / decode, "run_rss_mb": _peak_rss_mb()}
+            "decode_tok_s": 1.0 / decode, "run_rss_mb": peak_rss_mb()}
 
 
 _RESULT = "@@bench_llm result: "

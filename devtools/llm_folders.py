@@ -74,6 +74,23 @@ def smollm2_hf_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         return _publish(work, target)
 
 
+def builder_command(source: Path, out: Path, precision: str, cache: Path,
+                    extra: Sequence[str] = ()) -> list[str]:
+    """The command line of onnxruntime-genai's model builder for SmolLM2 on the CPU.
+
+    Args:
+        source: the transformers folder (:func:`smollm2_hf_folder`).
+        out: the folder to write.
+        precision: the builder's ``-p``.
+        cache: the builder's scratch folder (``-c``).
+        extra: more builder arguments.
+    Returns:
+        argv, run with this Python.
+    """
+    return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", SMOLLM2_HUB_NAME,
+            "-i", str(source), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache), *extra]
+
+
 def builder_folder(precision: str = "fp32", *, extra: Sequence[str] = (),
                    cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """SmolLM2 through onnxruntime-genai's model builder for the CPU, made once.
@@ -100,8 +117,7 @@ def builder_folder(precision: str = "fp32", *, extra: Sequence[str] = (),
     logger.info("running onnxruntime-genai's builder (-p %s %s) into %s", precision, " ".join(extra), target)
     with tempfile.TemporaryDirectory(dir=root, prefix=".genai-") as scratch:
         out, cache = Path(scratch) / "folder", Path(scratch) / "cache"
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", SMOLLM2_HUB_NAME,
-                   "-i", str(source), "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache), *extra]
+        command = builder_command(source, out, precision, cache, extra)
         done = subprocess.run(command, capture_output=True, text=True, timeout=BUILDER_TIMEOUT, check=False)
         if done.returncode != 0 or not (out / "genai_config.json").is_file():
             last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -109,4 +125,4 @@ def builder_folder(precision: str = "fp32", *, extra: Sequence[str] = (),
         return _publish(out, target)
 
 
-__all__ = ["SMOLLM2_HUB_NAME", "builder_folder", "smollm2_hf_folder"]
+__all__ = ["SMOLLM2_HUB_NAME", "builder_command", "builder_folder", "smollm2_hf_folder"]

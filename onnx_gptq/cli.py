@@ -1,7 +1,8 @@
 """Command line: `onnx-gptq model.onnx --calib data.txt -o model.q4.onnx`.
 
-Subcommands: `onnx-gptq export ...` (torch / transformers -> ONNX) and
-`onnx-gptq eval ...` (perplexity and fidelity through onnxruntime).
+Subcommands: `onnx-gptq export ...` (torch / transformers -> ONNX),
+`onnx-gptq eval ...` (perplexity and fidelity through onnxruntime) and
+`onnx-gptq generate ...` (text through onnxruntime with the KV cache).
 
 Exit codes: 0 success, 2 bad input (a one-line message naming the file, node
 or option), 1 internal error, 128 + the signal's number when stopped by
@@ -27,7 +28,7 @@ from onnx_gptq.errors import UserError
 
 logger = logging.getLogger("onnx_gptq")
 
-SUBCOMMANDS = ("export", "eval")
+SUBCOMMANDS = ("export", "eval", "generate")
 # Option defaults come from the configs' own defaults, so the two cannot drift apart.
 QUANT, CALIB, LAYERS = QuantConfig(), CalibConfig(), LayerFilter()
 
@@ -61,11 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnx-gptq",
         description="GPTQ weight-only quantization of an ONNX model. "
-                    "Also: 'onnx-gptq export --help', 'onnx-gptq eval --help'.")
-    parser.add_argument("model", type=Path, help="input .onnx model, or a model folder (never modified)")
+                    "Also: 'onnx-gptq export --help', 'onnx-gptq eval --help', 'onnx-gptq generate --help'.")
+    parser.add_argument("model", type=Path,
+                        help="input .onnx model, or a model folder (onnxruntime-genai builder, Optimum, "
+                             "onnx-gptq export: the .onnx its genai_config.json names, else model.onnx); "
+                             "never modified")
     parser.add_argument("-o", "--output", type=Path,
-                        help="output .onnx path, or folder for a model folder (default: <model>.q<bits>.onnx; "
-                             "<folder>-q<bits> for a folder)")
+                        help="output .onnx path; for a model folder, the output folder: created (its parent must "
+                             "exist), given the quantized model, a copy of every other file and an updated "
+                             "genai_config.json (default: <model>.q<bits>.onnx; <folder>-q<bits> for a folder)")
     parser.add_argument("--version", action="version", version=f"onnx-gptq {__version__}")
 
     data = parser.add_argument_group("calibration")
@@ -221,6 +226,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 def _subcommand_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     if name == "export":
         from onnx_gptq.tools import export as module
+    elif name == "generate":
+        from onnx_gptq.tools import generate as module
     else:
         from onnx_gptq.tools import evaluate as module
     parser = argparse.ArgumentParser(prog=f"onnx-gptq {name}")

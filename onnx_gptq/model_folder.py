@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from onnx_gptq.errors import ModelError, OutputError
+from onnx_gptq.runtime.custom_ops import LIBRARY_NAME
 from onnx_gptq.staging import STAGING_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.model", "vocab.json", "sp
                    "sentencepiece.bpe.model")
 #: Model and weight files: never copied into an output folder (the quantized model replaces them).
 _MODEL_SUFFIXES = (".onnx", ".onnx.data", ".onnx_data", ".data")
+#: onnx-gptq's custom-op library in an input folder (an earlier output): copied only when the new model needs it.
+_OUR_LIBRARY = LIBRARY_NAME
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -209,7 +212,7 @@ def copied_files(folder: ModelFolder, inputs: Sequence[Path]) -> list[Path]:
         if not item.is_file():
             logger.info("output folder: '%s' is not a plain file; not copied", item)
             continue
-        if item.name.endswith(_MODEL_SUFFIXES):
+        if item.name.endswith(_MODEL_SUFFIXES) or item.name == _OUR_LIBRARY:
             logger.info("output folder: '%s' looks like another model's file; not copied", item)
             continue
         files.append(item)
@@ -241,42 +244,56 @@ def check_output_folder(folder: ModelFolder, output: Path, *, report: Path | Non
     return output
 
 
-def updated_genai_config(config: dict[str, Any], model_name: str, *, custom_ops: bool) -> dict[str, Any]:
+def updated_genai_config(config: dict[str, Any], model_name: str, *, custom_ops_library: str | None = None
+                         ) -> dict[str, Any]:
     """`config` for the quantized model: decoder filename set to `model_name`.
 
     Args:
         config: the input's genai_config.json.
         model_name: the quantized model's file name in the output folder.
-        custom_ops: the model holds onnx_gptq.GptqMatMul nodes (onnxruntime-genai
-            then needs the library: a warning says so).
+        custom_ops_library: the file name, in the output folder, of onnx-gptq's
+            custom-op library when the model holds onnx_gptq.GptqMatMul nodes:
+            named in ``model.decoder.session_options.custom_ops_library``, which
+            onnxruntime-genai registers before loading the model (it accepts
+            only paths inside the model folder).
     Returns:
         A new dict; `config` is not changed.
     """
     updated = json.loads(json.dumps(config))
-    updated.setdefault("model", {}).setdefault("decoder", {})["filename"] = model_name
-    if custom_ops:
-        logger.warning("the model uses onnx_gptq.GptqMatMul: onnxruntime-genai loads it only with "
-                       "model.decoder.session_options.custom_ops_library set to onnx-gptq's library "
-                       "(or quantize with --format ort)")
+    decoder = updated.setdefault("model", {}).setdefault("decoder", {})
+    decoder["filename"] = model_name
+    options = decoder.setdefault("session_options", {})
+    if custom_ops_library is not None:
+        options["custom_ops_library"] = custom_ops_library
+    elif options.get("custom_ops_library") == _OUR_LIBRARY:  # an earlier output's, no longer needed
+        del options["custom_ops_library"]
     return updated
+
+
+def _copy_custom_ops_library(tree: Path) -> str:
+    """Copy onnx-gptq's custom-op library into `tree`; returns its file name there."""
+    from onnx_gptq.runtime.custom_ops import library_path
+
+    library = library_path()
+    shutil.copy2(library, tree / library.name)
+    logger.info("output folder: the model uses onnx_gptq.GptqMatMul; copied '%s' beside it", library)
+    return library.name
 
 
 def write_folder(folder: ModelFolder, tree: Path, output: Path, *, inputs: Sequence[Path],
                  custom_ops: bool = False) -> list[Path]:
     """Complete the staged output folder `tree` (which holds the quantized model) and publish it as `output`.
 
-    Every file :func:`copied_files` names is copied into `tree`,
-    genai_config.json rewritten by :func:`updated_genai_config`; then `tree`
-    is renamed to `output` when that does not exist (one rename: all or
-    nothing), else its files are moved into `output` one rename each, the
-    model last.
+    Every file :func:`copied_files` names is copied into `tree`, and the
+    custom-op library when the model needs it, genai_config.json rewritten by
+    :func:`updated_genai_config`; then `tree` is published by :func:`publish_tree`.
 
     Args:
         folder: the input folder.
         tree: the staging directory holding the quantized model (same file system as `output`).
         output: the output folder.
         inputs: the files the input model reads (not copied).
-        custom_ops: the model needs onnx-gptq's custom-op library.
+        custom_ops: the model needs onnx-gptq's custom-op library (copied in).
     Returns:
         The published files, in `output`.
     """
@@ -284,15 +301,35 @@ def write_folder(folder: ModelFolder, tree: Path, output: Path, *, inputs: Seque
         if item.name == GENAI_CONFIG and folder.genai_config is not None:
             continue
         shutil.copy2(item, tree / item.name)
+    library = _copy_custom_ops_library(tree) if custom_ops else None
     if folder.genai_config is not None:
-        config = updated_genai_config(folder.genai_config, folder.model.name, custom_ops=custom_ops)
+        config = updated_genai_config(folder.genai_config, folder.model.name, custom_ops_library=library)
         (tree / GENAI_CONFIG).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
-    names = sorted((p.name for p in tree.iterdir()), key=lambda n: (n == folder.model.name, n))
+    return publish_tree(tree, output, folder.model.name)
+
+
+def publish_tree(tree: Path, output: Path, model_name: str) -> list[Path]:
+    """Publish the complete staged folder `tree` as `output`.
+
+    `tree` is renamed to `output` when that does not exist (one rename: all or
+    nothing), else its files are moved into `output` one rename each, the
+    model last, so it appears only with its configs and data beside it.
+
+    Args:
+        tree: the staged folder (same file system as `output`).
+        output: the output folder.
+        model_name: the model file's name in `tree`.
+    Returns:
+        The published files, in `output`.
+    Raises:
+        OutputError: a rename failed.
+    """
+    names = sorted((p.name for p in tree.iterdir()), key=lambda n: (n == model_name, n))
     try:
         if not output.exists():
             os.rename(tree, output)
         else:
-            for name in names:  # the model last: it appears only with its configs and data beside it
+            for name in names:
                 os.replace(tree / name, output / name)
     except OSError as exc:
         raise OutputError(f"cannot write output folder '{output}': {exc.strerror or exc}") from None
@@ -301,5 +338,5 @@ def write_folder(folder: ModelFolder, tree: Path, output: Path, *, inputs: Seque
 
 
 __all__ = ["GENAI_CONFIG", "HF_CONFIG", "ModelFolder", "check_genai_config", "check_output_folder",
-           "copied_files", "default_output", "read_genai_config", "resolve", "updated_genai_config",
+           "copied_files", "default_output", "publish_tree", "read_genai_config", "resolve", "updated_genai_config",
            "write_folder", "writes_folder"]

@@ -53,3 +53,36 @@ def calib_ids(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)
     np.save(path, rng.integers(0, tiny_models.VOCAB, size=(16, 32), dtype=np.int64))
     return path
+
+
+@pytest.fixture(scope="session")
+def hf_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Llama as a transformers folder (see tests/folder_models.py)."""
+    from tests import folder_models
+
+    return folder_models.write_hf_llama(tmp_path_factory.mktemp("hf") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def genai_folder(hf_llama_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`hf_llama_folder` through onnxruntime-genai's model builder (fp32, CPU), once per session."""
+    from tests import folder_models
+
+    return folder_models.run_builder(hf_llama_folder, tmp_path_factory.mktemp("genai") / "tiny-genai")
+
+
+@pytest.fixture(scope="session")
+def chatty_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_models.build_chatty_llama` saved as a transformers folder with a chat-template tokenizer."""
+    directory = tmp_path_factory.mktemp("chatty_llama")
+    tiny_models.build_chatty_llama().save_pretrained(directory)
+    tiny_models.save_chatty_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def kv_folder(chatty_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`chatty_llama_dir` exported with its KV cache: a folder onnxruntime-genai loads."""
+    from onnx_gptq.tools.export import export_model
+
+    return export_model(str(chatty_llama_dir), tmp_path_factory.mktemp("kv") / "folder", seq_len=8)

@@ -151,8 +151,8 @@ def test_bad_arguments_name_the_option(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not a .gguf"):
         (tmp_path / "weights.bin").write_bytes(b"x")
         export.export_model(str(tmp_path / "weights.bin"), tmp_path / "m.onnx")
-    with pytest.raises(OutputError, match="is a directory"):
-        export.export_model(model, tmp_path)
+    with pytest.raises(OutputError, match="is a file; give a folder"):
+        export.export_model(model, tmp_path / "weights.bin")
     with pytest.raises(ModelError, match="no torch.nn.Embedding"):
         export.export_model(torch.nn.Linear(4, 4), tmp_path / "m.onnx")
 

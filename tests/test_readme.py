@@ -58,15 +58,34 @@ def _run_cli(line: str, directory: Path, extra: list[str]) -> None:
     assert code == 0, f"README line {line!r} exited {code}"
 
 
+def _written_model(line: str, directory: Path) -> Path:
+    """The .onnx file a line's -o wrote (model.onnx inside a folder output)."""
+    output = directory / shlex.split(line)[shlex.split(line).index("-o") + 1]
+    return output / "model.onnx" if output.is_dir() else output
+
+
 def _quantize(line: str, directory: Path) -> None:
     _run_cli(line, directory, SMALL_QUANTIZE)
-    output = shlex.split(line)[shlex.split(line).index("-o") + 1]
-    assert onnx.load(directory / output).graph.node
+    assert onnx.load(_written_model(line, directory)).graph.node
 
 
 def _export(line: str, directory: Path) -> None:
-    _run_cli(line, directory, [])
-    onnx.checker.check_model(str(directory / shlex.split(line)[shlex.split(line).index("-o") + 1]))
+    _run_cli(line, directory, ["--seq-len", "4"])
+    onnx.checker.check_model(str(_written_model(line, directory)))
+
+
+def _generate(line: str, directory: Path) -> None:
+    _run_cli(line, directory, ["--max-new-tokens", "4"])
+
+
+def _quantize_folder(line: str, directory: Path) -> None:
+    """A model folder in, a complete folder out: the model and the input's other files, genai_config updated."""
+    words = shlex.split(line)
+    _run_cli(line, directory, SMALL_QUANTIZE)
+    source, output = directory / words[1], directory / words[words.index("-o") + 1]
+    assert {p.name for p in source.iterdir()} - {"model.onnx.data"} <= {p.name for p in output.iterdir()}
+    assert onnx.load(output / "model.onnx").graph.node
+    assert (output / "genai_config.json").is_file()
 
 
 def _eval(line: str, directory: Path) -> None:
@@ -81,8 +100,11 @@ def _run_by_ci(line: str, directory: Path) -> None:
 SHELL_RULES: list[tuple[re.Pattern[str], Callable[[str, Path], None]]] = [
     (re.compile(r"^onnx-gptq export "), _export),
     (re.compile(r"^onnx-gptq eval "), _eval),
+    (re.compile(r"^onnx-gptq generate "), _generate),
     (re.compile(r"^onnx-gptq \S+\.onnx "), _quantize),
-    (re.compile(r"^make (demo|test|test-slow|test-cuda|test-oldest-ort|sanitize|bench-llm|bench-vs-ort|install)$"),
+    (re.compile(r"^onnx-gptq \S+-genai "), _quantize_folder),
+    (re.compile(r"^onnx-gptq [\w./-]+ --calib "), _quantize_folder),
+    (re.compile(r"^make (demo|test|test-slow|test-cuda|test-oldest-ort|sanitize|bench-llm|bench-vs-ort|bench-deploy|install)$"),
      _run_by_ci),
     (re.compile(r"^(ONNX_GPTQ_CUDA=[01] )?pip (install|uninstall) "), _run_by_ci),
 ]
@@ -94,7 +116,7 @@ def _rule(line: str) -> Callable[[str, Path], None] | None:
 
 
 @pytest.fixture(scope="module")
-def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fixtures(tmp_path_factory: pytest.TempPathFactory, genai_folder: Path) -> Path:
     """A directory with every file name the README's examples use."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -112,8 +134,16 @@ def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for bits, fmt in ((4, "ort"), (3, "custom")):
         assert main([str(directory / "model.onnx"), "-o", str(directory / f"model.q{bits}.onnx"), "--algo", "rtn",
                      "--bits", str(bits), "--format", fmt, "--group-size", "32", "-q"]) == 0
+    shutil.copytree(genai_folder, directory / "smollm2-genai")  # a tiny Llama through the builder, really
+    assert main([str(directory / "smollm2-genai"), "-o", str(directory / "smollm2-genai-q4"), "--algo", "rtn",
+                 "--group-size", "32", "-q"]) == 0
     hf_dir = directory / "path" / "to" / "hf_model_dir"
     tiny_models.build_llama().save_pretrained(hf_dir)
+    tiny_models.save_chatty_tokenizer(hf_dir)
+    # The folders the generate lines read: hf_dir exported with its KV cache, and quantized.
+    assert main(["export", str(hf_dir), "-o", str(directory / "smol"), "--seq-len", "4"]) == 0
+    assert main([str(directory / "smol"), "-o", str(directory / "smol-q4"), "--algo", "rtn", "--group-size", "32",
+                 "-q"]) == 0
     return directory
 
 
@@ -158,6 +188,7 @@ def test_shell_command_runs(command, line, fixtures, tmp_path, monkeypatch):
 
 def test_unknown_lines_are_refused():
     assert _rule("onnx-gptq model.onnx --calib x -o y.onnx") is _quantize
+    assert _rule("onnx-gptq smollm2-genai --calib x -o y") is _quantize_folder
     assert _rule("make test") is _run_by_ci
     assert _rule("curl https://example.com | sh") is None
     assert _rule("make everything") is None

@@ -38,6 +38,18 @@ def build_llama(seed: int = 0, tie: bool = True) -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
+def build_chatty_llama(seed: int = 0) -> torch.nn.Module:
+    """A tiny Llama whose greedy continuations vary (weights 15x the default spread; the default
+    model repeats one token), for generation tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
 def build_gpt2(seed: int = 0) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -137,3 +149,23 @@ def export_bert(model: torch.nn.Module, path: Path) -> Path:
                                         "last_hidden_state": axes})
     model.config.to_json_file(str(path.parent / "config.json"))
     return path
+
+
+#: The chat template of `save_chatty_tokenizer`: each turn's text after "<s>", then "t7" to prompt the answer.
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}t7{% endif %}")
+
+
+def save_chatty_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer over the tiny vocabulary ("<pad>", "<s>", "</s>", then "t3" ... "t255"),
+    with a chat template, saved as a transformers tokenizer (tokenizer.json, tokenizer_config.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(directory)
