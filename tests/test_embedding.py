@@ -155,8 +155,8 @@ def test_tied_table_with_other_grids_is_stored_twice() -> None:
         row = report.embeddings[0]
         assert row["shared"] is False and why in row["storage"]
         expected = solve(table, None, QuantConfig(algo="rtn", bits=4, group_size=16, act_order=False)).qweight
-        (emb, _) = _run(quantized, input_ids=IDS, x=np.zeros((1, 64), np.float32)) if "custom" not in why else (None, None)
-        if emb is not None:
+        if "custom" not in why:  # a 3-bit head is a GptqMatMul: plain onnxruntime cannot run it
+            emb, _ = _run(quantized, input_ids=IDS, x=np.zeros((1, 64), np.float32))
             np.testing.assert_array_equal(emb, expected.dequantize()[IDS])
 
 
