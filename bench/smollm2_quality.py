@@ -2,11 +2,16 @@
 
 Each row is BITS:FLAGS with flags joined by '+': rtn, gptq, act (act-order is the
 default since this measurement; 'gptq' means without act-order here), sym, mse, seq
-(--sequential). Calibration: 128 windows of 512 tokens from State of the Union
+(--sequential), dN (damp N, e.g. d0.05). Calibration: 128 windows of 512 tokens from State of the Union
 addresses before 2000; evaluation: perplexity, KL and top-1 against fp32 on 16
 windows of 512 tokens from 2000 on.
 
     python bench/smollm2_quality.py 128 "3:rtn,3:act,3:act+seq,4:rtn,4:act"
+
+An optional third argument, austen, calibrates on Jane Austen's novels instead
+(out-of-domain for the evaluation text); an optional fourth, the number of
+evaluation windows (default 16). Rows without seq share one set of
+one-pass Hessians (devtools.hessian_memo): quant times after the first are solve times.
 """
 import sys
 import time
@@ -14,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from devtools import smollm2_bench  # noqa: E402
+from devtools import smollm2_bench, text_assets  # noqa: E402
+from devtools.hessian_memo import reuse_hessians  # noqa: E402
 from onnx_gptq.config import CalibConfig, QuantConfig  # noqa: E402
 from onnx_gptq.tools.evaluate import evaluate  # noqa: E402
 from onnx_gptq.pipeline import quantize_with_report  # noqa: E402
@@ -23,25 +29,31 @@ setup = smollm2_bench.prepare("quality")
 tok, calib, ev, work, ref = setup.tokenizer, setup.calib, setup.evaluation, setup.work, setup.reference
 n = int(sys.argv[1])
 rows = sys.argv[2].split(",")
-fp32 = evaluate(ref, ev, tok, seq_len=512, max_windows=16)
+domain = sys.argv[3] if len(sys.argv) > 3 else "sotu"
+if domain == "austen":
+    calib = str(text_assets.austen_text_file())
+windows = int(sys.argv[4]) if len(sys.argv) > 4 else 16
+fp32 = evaluate(ref, ev, tok, seq_len=512, max_windows=windows)
 print(f"fp32           ppl {fp32.perplexity:.2f}", flush=True)
-for row in rows:
-    bits, rest = row.split(":")
-    kw = dict(bits=int(bits), group_size=128, act_order=False)
-    flags = rest.split("+")
-    if "rtn" in flags:
-        kw["algo"] = "rtn"
-    if "act" in flags:
-        kw["act_order"] = True
-    if "sym" in flags:
-        kw["sym"] = True
-    if "mse" in flags:
-        kw["mse"] = True
-    out = work / f"q_{row.replace(':', '_').replace('+', '_')}.onnx"
-    t = time.time()
-    quantize_with_report(ref, calib, QuantConfig(**kw), calib=CalibConfig(num_samples=n, seq_len=512,
-                         sequential="seq" in flags), tokenizer=tok, output=out)
-    qt = time.time() - t
-    r = evaluate(out, ev, tok, reference=ref, seq_len=512, max_windows=16)
-    print(f"{row:14s} n={n} ppl {r.perplexity:.2f} (+{r.perplexity - fp32.perplexity:.2f}) kl {r.kl:.4f} "
-          f"top1 {r.top1:.3f} quant {qt:.0f}s", flush=True)
+with reuse_hessians():
+    for row in rows:
+        bits, rest = row.split(":")
+        kw = dict(bits=int(bits), group_size=128, act_order=False)
+        flags = rest.split("+")
+        if "rtn" in flags:
+            kw["algo"] = "rtn"
+        if "act" in flags:
+            kw["act_order"] = True
+        if "sym" in flags:
+            kw["sym"] = True
+        if "mse" in flags:
+            kw["mse"] = True
+        kw.update(("damp", float(f[1:])) for f in flags if f.startswith("d"))
+        out = work / f"q_{domain}_{row.replace(':', '_').replace('+', '_')}.onnx"
+        t = time.time()
+        quantize_with_report(ref, calib, QuantConfig(**kw), calib=CalibConfig(num_samples=n, seq_len=512,
+                             sequential="seq" in flags), tokenizer=tok, output=out)
+        qt = time.time() - t
+        r = evaluate(out, ev, tok, reference=ref, seq_len=512, max_windows=windows)
+        print(f"{row:14s} {domain} n={n} ppl {r.perplexity:.2f} (+{r.perplexity - fp32.perplexity:.2f}) kl {r.kl:.4f} "
+              f"top1 {r.top1:.3f} quant {qt:.0f}s", flush=True)

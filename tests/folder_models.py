@@ -89,12 +89,14 @@ def optimum_export(hf_folder: Path, out: Path) -> Path:
     return out
 
 
-def optimum_greedy(folder: Path, new_tokens: int = 4) -> tuple[list[int], np.ndarray]:
-    """ORTModelForCausalLM.from_pretrained(folder): greedy ids after :data:`PROMPT` and the first step's logits."""
-    done = _run([str(OPTIMUM_PYTHON), str(OPTIMUM_SCRIPT), "generate", str(folder), ",".join(map(str, PROMPT)),
-                 str(new_tokens)], f"ORTModelForCausalLM on '{folder}'")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result["tokens"], np.asarray(result["logits"], dtype=np.float32)
+def optimum_greedy(*folders: Path, new_tokens: int = 4) -> list[tuple[list[int], np.ndarray]]:
+    """ORTModelForCausalLM.from_pretrained on each folder (one process): greedy ids after :data:`PROMPT`
+    and the first step's logits."""
+    done = _run([str(OPTIMUM_PYTHON), str(OPTIMUM_SCRIPT), "generate", ",".join(map(str, PROMPT)), str(new_tokens),
+                 *map(str, folders)], "ORTModelForCausalLM")
+    results = [json.loads(line) for line in done.stdout.strip().splitlines() if line.startswith("{")]
+    assert len(results) == len(folders), done.stdout
+    return [(r["tokens"], np.asarray(r["logits"], dtype=np.float32)) for r in results]
 
 
 def own_export(hf_folder: Path, out: Path) -> Path:

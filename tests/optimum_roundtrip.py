@@ -6,10 +6,13 @@ this script in a subprocess instead of importing Optimum:
 * ``export HF_FOLDER OUT``: ``text-generation-with-past`` export of a
   transformers folder (the tokenizer files are copied beside it when
   Optimum's transformers cannot read the 5.x tokenizer config);
-* ``generate FOLDER IDS N``: ``ORTModelForCausalLM.from_pretrained(FOLDER)``
+* ``generate IDS N FOLDER...``: per folder, ``ORTModelForCausalLM.from_pretrained(FOLDER)``
   greedy generation of N tokens after the comma-separated prompt IDS; prints
-  one JSON object: ``tokens`` (the new ids) and ``logits`` (the last prompt
-  position's logits, the first step's).
+  one JSON line per folder: ``tokens`` (the new ids) and ``logits`` (the last
+  prompt position's logits, the first step's). (One process for several
+  folders: importing torch and transformers is most of the time.) When FOLDER holds onnx-gptq's
+  custom-op library (a model with GptqMatMul), it is registered on the
+  session options Optimum is given, as a user would.
 """
 
 from __future__ import annotations
@@ -37,7 +40,12 @@ def generate(folder: Path, prompt: list[int], new_tokens: int) -> dict[str, list
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    model = ORTModelForCausalLM.from_pretrained(str(folder))
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    for library in folder.glob("*onnx_gptq_ops*"):
+        options.register_custom_ops_library(str(library))
+    model = ORTModelForCausalLM.from_pretrained(str(folder), session_options=options)
     ids = torch.tensor([prompt], dtype=torch.int64)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
@@ -51,9 +59,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["export"] and len(argv) == 3:
         export(Path(argv[1]), Path(argv[2]))
         return 0
-    if argv[:1] == ["generate"] and len(argv) == 4:
-        result = generate(Path(argv[1]), [int(t) for t in argv[2].split(",")], int(argv[3]))
-        print(json.dumps(result))
+    if argv[:1] == ["generate"] and len(argv) >= 4:
+        for folder in argv[3:]:
+            print(json.dumps(generate(Path(folder), [int(t) for t in argv[1].split(",")], int(argv[2]))))
         return 0
     print(__doc__, file=sys.stderr)
     return 2

@@ -55,7 +55,7 @@ def test_four_bit_custom_and_ort_give_the_same_outputs(tiny_lm_onnx, calib_ids, 
 
 def test_auto_mixes_formats_and_says_why(tiny_llama_onnx, calib_ids, tmp_path):
     # Group 48 is no power of two, so MatMulNBits can hold no layer; 3 bits neither; 4-bit g32 all.
-    config = QuantConfig(bits=4, group_size=48)
+    config = QuantConfig(bits=4, group_size=48, embedding_bits=None)  # no GatherBlockQuantized block either
     out, report = quantize_with_report(tiny_llama_onnx, calib_ids, config, calib=CALIB,
                                        output=tmp_path / "auto.onnx")
     formats = {row.format for row in report.layers}

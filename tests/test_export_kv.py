@@ -148,3 +148,11 @@ def test_smollm2_folder_generates_as_transformers(tmp_path: Path) -> None:
     assert onnx_gptq.generate(folder, ids, max_new_tokens=12, stop_at_eos=False).token_ids == want
     chat = onnx_gptq.generate(folder, "What is the capital of France?", chat=True, max_new_tokens=12)
     assert chat.prompt_ids[:3] != ids[:3] and chat.text
+
+
+def test_torchscript_exporter_writes_the_same_cache_graph(chatty_llama_dir: Path, tmp_path: Path) -> None:
+    folder = export.export_model(str(chatty_llama_dir), tmp_path / "ts", seq_len=6, exporter="torchscript")
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    assert [o.name for o in graph.output] == ["logits", "present.0.key", "present.0.value", "present.1.key",
+                                              "present.1.value"]
+    assert genai_greedy(folder, PROMPT, NEW) == torch_greedy(PROMPT, NEW)

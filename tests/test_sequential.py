@@ -211,14 +211,14 @@ def _fan_model(branches: int, *, split: bool, k: int = 8) -> ir.Model:
 
 def test_no_cut_is_a_model_error() -> None:
     model = _fan_model(40, split=True)
-    groups, _ = targets.find_targets(model, QuantConfig(group_size=8))
+    groups, _ = targets.find_targets(model, QuantConfig(group_size=8, embedding_bits=None))
     assert len(groups) == 40
     with pytest.raises(ModelError, match=r"fan: cannot calibrate sequentially: no point in the graph where "
                                          r"<= 32 tensors cross .*'mm0'.* the fewest is 40"):
         planner.plan_stages(model, groups, name="fan")
     # A shared graph input does not count: the gap after the first MatMul is crossed by y0, the next by y0, y1...
     shared = _fan_model(4, split=False)
-    groups, _ = targets.find_targets(shared, QuantConfig(group_size=8))
+    groups, _ = targets.find_targets(shared, QuantConfig(group_size=8, embedding_bits=None))
     stages = planner.plan_stages(shared, groups, max_crossing=2).stages
     assert [len(s.groups) for s in stages] == [1, 1, 2]
     assert [s.crossing_in for s in stages] == [0, 1, 2]
@@ -227,7 +227,7 @@ def test_no_cut_is_a_model_error() -> None:
 def test_fan_model_runs_sequentially(tmp_path: Path) -> None:
     """Without module names every narrow gap is a cut; the tensors crossing several cuts are kept until used."""
     model = _fan_model(4, split=False)
-    groups, _ = targets.find_targets(model, QuantConfig(group_size=8))
+    groups, _ = targets.find_targets(model, QuantConfig(group_size=8, embedding_bits=None))
     rng = np.random.default_rng(1)
     batches = [{"x": rng.standard_normal((5, 8)).astype(np.float32)} for _ in range(3)]
     got: dict[str, HessianStats] = {}

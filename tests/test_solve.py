@@ -106,10 +106,11 @@ def ref_rtn(W: np.ndarray, gs: int, bits: int, sym: bool, scale_dtype=np.float32
 
 REFERENCE_CASES = [
     QuantConfig(bits=4, group_size=32, blocksize=128, act_order=False),
-    QuantConfig(bits=3, group_size=48, blocksize=32, act_order=False),  # groups straddle blocks; ragged last group
+    # groups straddle blocks; ragged last group
+    QuantConfig(bits=3, group_size=48, blocksize=32, act_order=False, embedding_bits=None),
     QuantConfig(bits=4, group_size=-1, blocksize=16, act_order=False),
     QuantConfig(bits=4, group_size=-1, sym=True, act_order=False),
-    QuantConfig(bits=2, group_size=40, sym=True, blocksize=24, act_order=False),
+    QuantConfig(bits=2, group_size=40, sym=True, blocksize=24, act_order=False, embedding_bits=None),
     QuantConfig(bits=4, group_size=32, act_order=True, static_groups=True),
     QuantConfig(bits=3, group_size=-1, act_order=True),
     QuantConfig(bits=8, group_size=64, blocksize=20, act_order=False),
