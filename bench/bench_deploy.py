@@ -325,7 +325,9 @@ class Check:
     met: bool
 
     def line(self) -> str:
-        return f"{'met' if self.met else 'MISSED'}: {self.what}: onnx-gptq {self.ours:.2f}, builder int4 {self.theirs:.2f}"
+        """The check in words, e.g. ``MISSED: folder MB (at most): onnx-gptq 172.48, builder int4 85.87``."""
+        state = "met" if self.met else "MISSED"
+        return f"{state}: {self.what}: onnx-gptq {self.ours:.2f}, builder int4 {self.theirs:.2f}"
 
 
 def verdict(results: Sequence[dict[str, Any]]) -> list[Check]:
