@@ -294,20 +294,25 @@ TABLE_HEAD = ("| row | perplexity | KL vs fp32 | top-1 vs fp32 % | folder MB | q
 
 
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
-    """One line per row; a failed row says why."""
+    """One line per row; a row that failed before it was scored says why in its line, one that
+    failed later (e.g. onnxruntime-genai cannot load it) keeps what was measured, and a note
+    under the table says why the rest is missing."""
     width = TABLE_HEAD.count("|") - 1
     lines = [TABLE_HEAD, "|" + "---|" * width]
+    notes = []
     for r in results:
-        if "error" in r:
+        if "error" in r and r.get("perplexity") is None:
             lines.append(f"| {r['label']} | failed: {r['error'][:160]} |" + " |" * (width - 2))
             continue
+        if "error" in r:
+            notes.append(f"- {r['label']}: failed after scoring: {r['error'][:300]}")
         top1 = None if r.get("top1") is None else 100 * r["top1"]
         lines.append("| " + " | ".join([
             r["label"], _fmt(r.get("perplexity"), ".2f"), _fmt(r.get("kl"), ".4f"), _fmt(top1, ".1f"),
             _fmt(r.get("size_mb"), ".1f"), _fmt(r.get("quant_s"), ".0f"), _fmt(r.get("quant_rss_mb"), ".0f"),
             _fmt(r.get("first_token_ms"), ".0f"), _fmt(r.get("prefill_tok_s"), ".0f"),
             _fmt(r.get("decode_tok_s"), ".1f"), _fmt(r.get("run_rss_mb"), ".0f")]) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,7 +325,9 @@ class Check:
     met: bool
 
     def line(self) -> str:
-        return f"{'met' if self.met else 'MISSED'}: {self.what}: onnx-gptq {self.ours:.2f}, builder int4 {self.theirs:.2f}"
+        """The check in words, e.g. ``MISSED: folder MB (at most): onnx-gptq 172.48, builder int4 85.87``."""
+        state = "met" if self.met else "MISSED"
+        return f"{state}: {self.what}: onnx-gptq {self.ours:.2f}, builder int4 {self.theirs:.2f}"
 
 
 def verdict(results: Sequence[dict[str, Any]]) -> list[Check]:

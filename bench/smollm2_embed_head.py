@@ -35,6 +35,8 @@ VARIANTS = (  # the smallest first: on a busy machine the later rows may not be 
     ("head 4-bit + embedding 4-bit, stored twice", 4, 4, False),
 )
 HEAD = r"lm_head"
+#: Matches no layer: the head stays float (an --include naming it would quantize it at --bits).
+NOTHING = r"(?!)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
           f"perplexity on {args.windows} x 512 tokens")
     print("| model | perplexity | file MB | quantization s |")
     print("|---|---|---|---|")
-    score("fp32", setup.reference, None)
+    if not args.reuse_body:
+        score("fp32", setup.reference, None)
     body = work / f"body_w4_{args.calib_samples}.onnx"
     t = time.time()
     if not (args.reuse_body and body.exists()):
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and number not in args.only:
             continue
         out = work / f"variant{number}.onnx"
-        config = QuantConfig(bits=4, group_size=128, include=(HEAD,), head_bits=head, embedding_bits=embedding,
+        config = QuantConfig(bits=4, group_size=128, include=(HEAD if head else NOTHING,), head_bits=head,
+                             embedding_bits=embedding,
                              shared_embedding=shared)
         t = time.time()
         quantize_with_report(body, calib_text, config, calib=calib, tokenizer=tok, output=out)

@@ -2,7 +2,8 @@
 
 Runs after the MatMul/Gemm weights are rewritten (stage 5), before unused
 initializers are dropped. A `Gather` (axis 0) of the `input_ids` (through
-Cast/Reshape/...) whose data is a constant float table [V, H] (possibly through `Transpose`/`Cast`/`Identity`) is replaced by
+Cast/Reshape/...) whose data is a constant float table [V, H] (possibly
+through `Transpose`/`Cast`/`Identity`) is replaced by
 `GatherBlockQuantized(data, indices, scales[, zero_points])` with uint8 data,
 `gather_axis` 0, `quantize_axis` 1, `block_size` the group size along H:
 

@@ -54,14 +54,19 @@ def test_verdict_met_only_when_all_three_hold_and_not_judged_without_rows() -> N
 
 def test_table_has_one_line_per_row_and_says_why_a_row_failed() -> None:
     rows = [_row("builder-fp32", kl=None, top1=None), _row("gptq", top1=0.8125),
-            {"row": "gptq-w3", "label": "onnx-gptq W3", "error": "ModelError: bad"}]
+            {"row": "gptq-w3", "label": "onnx-gptq W3", "error": "ModelError: bad"},
+            {"row": "gptq-w2", "label": "onnx-gptq W2", "perplexity": 90.0, "size_mb": 50.0,
+             "error": "RuntimeError: no such op"}]
     lines = bench_deploy.markdown_table(rows).splitlines()
-    assert len(lines) == 5
-    assert all(line.count("|") == lines[0].count("|") for line in lines)
+    assert len(lines) == 8
+    assert all(line.count("|") == lines[0].count("|") for line in lines[:6])
     fp32 = lines[2].split(" | ")
     assert fp32[2:4] == ["-", "-"]  # no KL / top-1 against itself
     assert lines[3].split(" | ")[1:5] == ["30.00", "0.1000", "81.2", "86.0"]
     assert "failed: ModelError: bad" in lines[4]
+    # Scored, then failed in onnxruntime-genai: its numbers stay, the reason goes under the table.
+    assert lines[5].split(" | ")[1:5] == ["90.00", "-", "-", "50.0"]
+    assert lines[7] == "- onnx-gptq W2: failed after scoring: RuntimeError: no such op"
 
 
 def test_rows_selection_adds_the_reference_and_refuses_unknown_names() -> None:
