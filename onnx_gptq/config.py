@@ -265,8 +265,8 @@ class QuantConfig:
     quantize_head: bool = False
     accuracy_level: int = 4
     layer_rules: tuple[LayerRule, ...] = ()
-    head_bits: int | None = 4
-    embedding_bits: int | None = 4
+    head_bits: int | None = None
+    embedding_bits: int | None = None
     shared_embedding: bool = True
 
     def __post_init__(self) -> None:
