@@ -2,7 +2,7 @@
 
 Each row is BITS:FLAGS with flags joined by '+': rtn, gptq, act (act-order is the
 default since this measurement; 'gptq' means without act-order here), sym, mse, seq
-(--sequential), one (one-pass, --sequential off), dN (damp N, e.g. d0.05), own (quantize in a child
+(--sequential; rows without it are one-pass), dN (damp N, e.g. d0.05), own (quantize in a child
 process through the CLI, and print its wall time and peak RSS; no Hessians shared). Calibration: 128 windows of 512 tokens from State of the Union
 addresses before 2000; evaluation: perplexity, KL and top-1 against fp32 on 16
 windows of 512 tokens from 2000 on.
@@ -30,7 +30,7 @@ from onnx_gptq.pipeline import quantize_with_report  # noqa: E402
 
 
 
-def quantize_in_child(kw: dict, n: int, sequential: bool | None, out: Path) -> tuple[float, float]:
+def quantize_in_child(kw: dict, n: int, sequential: bool, out: Path) -> tuple[float, float]:
     """Quantize through `python -m onnx_gptq.cli` (head and embedding float); (wall seconds, peak RSS MB)."""
     command = [sys.executable, "-m", "onnx_gptq.cli", str(ref), "--calib", calib, "--tokenizer", tok, "-o", str(out),
                "--bits", str(kw["bits"]), "--group-size", "128", "--num-samples", str(n), "--seq-len", "512",
@@ -38,7 +38,7 @@ def quantize_in_child(kw: dict, n: int, sequential: bool | None, out: Path) -> t
     command += ["--act-order" if kw["act_order"] else "--no-act-order", "--algo", kw.get("algo", "gptq")]
     command += ["--sym"] if kw.get("sym") else []
     command += ["--mse"] if kw.get("mse") else []
-    command += [] if sequential is None else ["--sequential", "on" if sequential else "off"]
+    command += ["--sequential", "on" if sequential else "off"]
     start = time.time()
     child = subprocess.Popen(command, env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     _, status, usage = os.wait4(child.pid, 0)
@@ -72,7 +72,7 @@ with reuse_hessians():
             kw["mse"] = True
         kw.update(("damp", float(f[1:])) for f in flags if f.startswith("d"))
         out = work / f"q_{domain}_{row.replace(':', '_').replace('+', '_')}.onnx"
-        sequential = True if "seq" in flags else False if "one" in flags else None
+        sequential = "seq" in flags
         rss = ""
         if "own" in flags:
             qt, peak = quantize_in_child(kw, n, sequential, out)
