@@ -126,7 +126,8 @@ def main() -> None:
             method, group, *rest = row.split(":")
             damp = float(rest[0][1:]) if rest else QuantConfig().damp
             config = QuantConfig(bits=args.bits, group_size=int(group[1:]), algo=method, damp=damp,
-                                 accuracy_level=args.accuracy_level)
+                                 accuracy_level=args.accuracy_level, head_bits=None,
+                                 embedding_bits=None)  # the body only, as recorded
             out = work / f"q_{args.domain}_{args.bits}_{row.replace(':', '_')}.onnx"
             start = time.perf_counter()
             quantize_with_report(reference, str(calib), config, output=out, tokenizer=tokenizer_json,

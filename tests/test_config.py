@@ -13,7 +13,8 @@ from onnx_gptq.errors import ConfigError
 def test_quant_config_shorthand_is_a_layer_filter() -> None:
     config = QuantConfig(bits=3, include=[r"mlp"], exclude=(r"layers\.0\.",), quantize_head=True)
     assert config.layers == LayerFilter(include=("mlp",), exclude=(r"layers\.0\.",), quantize_head=True)
-    assert QuantConfig().layers == LayerFilter()
+    assert QuantConfig().layers == LayerFilter(quantize_head=True)  # --head 4 by default
+    assert QuantConfig(head_bits=None).layers == LayerFilter()
     assert LayerFilter(include=["a"]).to_dict() == {"include": ["a"], "exclude": [], "quantize_head": False}
 
 
