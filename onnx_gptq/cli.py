@@ -87,8 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--calib-split", default="auto", metavar="windows|samples",
                       help="cut text into random windows of one token stream (causal LMs) or one sample per "
                            "line/paragraph with the tokenizer's special tokens (encoders); default: by model kind")
-    data.add_argument("--sequential", action="store_true",
-                      help="collect each block's Hessians with earlier blocks already quantized")
+    mode = data.add_mutually_exclusive_group()
+    mode.add_argument("--sequential", nargs="?", const="on", default="auto", choices=["on", "off", "auto"],
+                      help="on (the bare flag): collect each block's Hessians with earlier blocks already "
+                           "quantized; off: one pass over the float model; auto (default): on where the graph "
+                           "has cuts between its blocks, off where it has none")
+    mode.add_argument("--one-pass", dest="sequential", action="store_const", const="off",
+                      help="the same as --sequential off")
     data.add_argument("--memory-budget", type=float, default=None, metavar="GB",
                       help="GiB of Hessian statistics held at once; more means several calibration passes "
                            "(default: a quarter of RAM)")

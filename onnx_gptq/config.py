@@ -408,8 +408,12 @@ class CalibConfig:
         providers: onnxruntime execution providers, in order of preference;
             empty means CUDA when this onnxruntime has it, else CPU.
         seed: seed for drawing windows out of long text.
-        sequential: collect each block's Hessians with all earlier blocks
-            already quantized (the reference GPTQ's true-sequential mode).
+        sequential: True: collect each block's Hessians with all earlier
+            blocks already quantized (the reference GPTQ's true-sequential
+            mode); False: one pass over the float model; None (or "auto",
+            the default): sequential where the graph has cuts between its
+            blocks (`calibrate.sequential.choose_mode`), one pass where it has
+            none. "on" and "off" are the CLI's words for True and False.
         memory_budget: bytes of Hessian statistics held at once; above it,
             calibration runs in several passes over groups of layers.
             None: a quarter of the machine's RAM.
@@ -423,12 +427,19 @@ class CalibConfig:
     batch_size: int = 1
     providers: tuple[str, ...] = ()
     seed: int = 0
-    sequential: bool = False
+    sequential: bool | None = None
     memory_budget: int | None = None
     split: CalibSplit | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "providers", tuple(self.providers))
+        if isinstance(self.sequential, str):  # the CLI's words
+            words = {"on": True, "off": False, "auto": None}
+            if self.sequential not in words:
+                raise ConfigError(f"sequential: {self.sequential!r} is not one of on, off, auto")
+            object.__setattr__(self, "sequential", words[self.sequential])
+        if self.sequential is not None and not isinstance(self.sequential, bool):
+            raise ConfigError(f"sequential: {self.sequential!r} must be True, False or None (auto)")
         if self.split == "auto":  # the CLI's word for None
             object.__setattr__(self, "split", None)
         if self.split is not None:

@@ -152,16 +152,22 @@ class GptqPass(ir.passes.InPlacePass):
         # hand; then run it stage by stage in float (same one-pass Hessians).
         import psutil
 
-        too_big = statistics.runtime_weight_bytes(model) > psutil.virtual_memory().available // 2
-        if calib.sequential or too_big:
-            from onnx_gptq.calibrate.sequential import run_sequential
+        from onnx_gptq.calibrate.sequential import choose_mode, run_sequential
 
-            if too_big and not calib.sequential:
+        with phase("calibrate"):
+            partition, reason = choose_mode(calib.sequential, model, groups)
+        sequential = partition is not None
+        logger.info("calibration: %s", reason)
+        if quantizer.report.calib is not None:  # the report says which ran and why
+            quantizer.report.calib.update(sequential=sequential, sequential_reason=reason)
+        too_big = statistics.runtime_weight_bytes(model) > psutil.virtual_memory().available // 2
+        if sequential or too_big:
+            if too_big and not sequential:
                 logger.warning("the model's float weights exceed half the free memory: calibrating block by "
                                "block in float (same Hessians as one pass, bounded memory)")
             run_sequential(model, groups, batches, solve_stage=quantizer, model_dir=self.model_dir,
                            providers=providers, progress=self.progress, timings=quantizer.report.phases,
-                           float_forward=not calib.sequential)
+                           partition=partition, float_forward=not sequential)
             return
         with phase("calibrate"):
             proto = model_io.to_proto(model)  # the float model: one-pass Hessians all come from it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -56,9 +57,10 @@ def test_passes_and_jobs_do_not_change_the_result(tiny_llama_onnx, calib_ids, tm
     assert len(plan_passes(groups, activation_widths, budget=12 * 64 * 64 + 1)) > 3  # about one activation a pass
     assert len(plan_passes(groups, activation_widths, budget=1 << 40)) == 1
     config = QuantConfig(bits=4, group_size=32)
-    one = quantize(tiny_llama_onnx, calib_ids, config, calib=CALIB, output=tmp_path / "one.onnx")
+    one_pass = CalibConfig(num_samples=8, seq_len=32, batch_size=4, sequential=False)  # passes are one-pass's
+    one = quantize(tiny_llama_onnx, calib_ids, config, calib=one_pass, output=tmp_path / "one.onnx")
     many = quantize(tiny_llama_onnx, calib_ids, config, output=tmp_path / "many.onnx", jobs=2,
-                    calib=CalibConfig(num_samples=8, seq_len=32, batch_size=4, memory_budget=12 * 64 * 64 + 1))
+                    calib=dataclasses.replace(one_pass, memory_budget=12 * 64 * 64 + 1))
     a, b = ir.load(one), ir.load(many)
     for name, value in a.graph.initializers.items():
         np.testing.assert_array_equal(value.const_value.numpy(), b.graph.initializers[name].const_value.numpy())
