@@ -129,7 +129,8 @@ def main() -> None:
             damp = damps[0] if damps else QuantConfig().damp
             sequential = "seq" in rest
             config = QuantConfig(bits=args.bits, group_size=int(group[1:]), algo=method, damp=damp,
-                                 accuracy_level=args.accuracy_level)
+                                 accuracy_level=args.accuracy_level, head_bits=None,
+                                 embedding_bits=None)  # the body only, as recorded
             out = work / f"q_{args.domain}_{args.bits}_{row.replace(':', '_')}.onnx"
             start = time.perf_counter()
             quantize_with_report(reference, str(calib), config, output=out, tokenizer=tokenizer_json,

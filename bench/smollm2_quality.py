@@ -60,7 +60,7 @@ print(f"fp32           ppl {fp32.perplexity:.2f}", flush=True)
 with reuse_hessians():
     for row in rows:
         bits, rest = row.split(":")
-        kw = dict(bits=int(bits), group_size=128, act_order=False)
+        kw = dict(bits=int(bits), group_size=128, act_order=False, head_bits=None, embedding_bits=None)  # body
         flags = rest.split("+")
         if "rtn" in flags:
             kw["algo"] = "rtn"

@@ -125,8 +125,6 @@ class GptqPass(ir.passes.InPlacePass):
         if groups:
             _check_rules_match(self.config, groups)
             return groups
-        if self.config.embedding_bits is not None and embedding.find_embeddings(model):
-            return []  # only the embedding table to quantize (e.g. a model whose MatMuls already are)
         unmatched = [s.node for s in skips if s.reason == targets.NOT_INCLUDED]
         # Only when no weight matched an include pattern (then excluded, or the head, ...).
         others = [s for s in skips if s.reason.startswith(targets.SELECTION_REASONS)]
@@ -134,6 +132,8 @@ class GptqPass(ir.passes.InPlacePass):
             patterns = ", ".join(repr(p) for p in self.layers.include)
             raise ConfigError(f"include: {patterns} matched no layer (layers are named like "
                               f"{', '.join(repr(n) for n in unmatched[:3])}; -v lists them all)")
+        if self.config.embedding_bits is not None and embedding.find_embeddings(model):
+            return []  # only the embedding table to quantize (e.g. a model whose MatMuls already are)
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in skips[:5]) or "it has no MatMul or Gemm"
         raise ModelError(f"nothing to quantize in the model ({reasons})")
 

@@ -36,10 +36,10 @@ def test_three_bit_custom_equals_dequantized_reference(tiny_lm_onnx, calib_ids, 
     out = quantize(path, calib_ids, config, calib=CALIB, output=tmp_path / "q3.onnx")
     model = ir.load(out)
     weights = read_packed(model)
-    assert len(weights) == (14 if which == "llama" else 8)
+    assert len(weights) == (15 if which == "llama" else 9)  # with the head
     assert all((w.g_idx is not None) == (act_order and not static) for w in weights.values())
     got = run_with_library(model)
-    want = run(dequantized_reference(path, config, weights), FEEDS)
+    want = run(dequantized_reference(path, config, weights, model), FEEDS)
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
 
 
@@ -47,7 +47,8 @@ def test_four_bit_custom_and_ort_give_the_same_outputs(tiny_lm_onnx, calib_ids, 
     _, path = tiny_lm_onnx
     outputs = {}
     for fmt in ("custom", "ort"):
-        out = quantize(path, calib_ids, QuantConfig(bits=4, group_size=32, format=fmt), calib=CALIB,
+        out = quantize(path, calib_ids, QuantConfig(bits=4, group_size=32, format=fmt, shared_embedding=False),
+                       calib=CALIB,
                        output=tmp_path / f"{fmt}.onnx")
         outputs[fmt] = run_with_library(ir.load(out))
     np.testing.assert_allclose(outputs["custom"], outputs["ort"], rtol=1e-4, atol=1e-4)
@@ -61,13 +62,16 @@ def test_auto_mixes_formats_and_says_why(tiny_llama_onnx, calib_ids, tmp_path):
     formats = {row.format for row in report.layers}
     assert formats == {"custom"}
     assert all("group size 48" in note for note in report.format_notes)
+    # The body at 3 bits: custom; the head at --head's default 4 bits, per channel: MatMulNBits.
     out, report = quantize_with_report(tiny_llama_onnx, calib_ids, QuantConfig(bits=3, group_size=-1),
                                        calib=CALIB, output=tmp_path / "auto3.onnx")
-    assert {row.format for row in report.layers} == {"custom"}
+    assert [row.format for row in report.layers] == ["custom"] * 14 + ["ort"]
+    assert report.layers[-1].module.endswith("lm_head") and report.layers[-1].bits == 4
     # 2 bits fit MatMulNBits, but its CPU kernel for them is a slow fallback: auto takes ours.
-    out, report = quantize_with_report(tiny_llama_onnx, calib_ids, QuantConfig(bits=2, group_size=32),
+    out, report = quantize_with_report(tiny_llama_onnx, calib_ids, QuantConfig(bits=2, group_size=32,
+                                                                               quantize_head=True),
                                        calib=CALIB, output=tmp_path / "auto2.onnx")
-    assert {row.format for row in report.layers} == {"custom"}
+    assert {row.format for row in report.layers} == {"custom"}  # the head too, at --bits (--quantize-head)
     assert all("2-bit CPU kernel is a slow fallback" in note for note in report.format_notes)
     out, report = quantize_with_report(tiny_llama_onnx, calib_ids, QuantConfig(bits=4, group_size=32),
                                        calib=CALIB, output=tmp_path / "auto4.onnx")

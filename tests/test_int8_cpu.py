@@ -23,7 +23,9 @@ from onnx_gptq.pack import pack_custom
 from onnx_gptq.qweight import QuantizedWeight
 from tests.test_custom_ops import _PEAK_RSS_CHILD, U32, make_weight, reference
 
-INT8_ISAS = ("avx2", "scalar")  # what ONNX_GPTQ_CPU_ISA can force on any x86 machine
+# What ONNX_GPTQ_CPU_ISA can force ("native": the best build, AVX512-VNNI on the
+# machine of docs/BENCHMARKS.md; "avxvnni" falls back to the best build below it).
+INT8_ISAS = ("native", "avxvnni", "avx2", "scalar")
 
 
 def run_int8(qw: QuantizedWeight, x: np.ndarray, accuracy_level: int = 4,

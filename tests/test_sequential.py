@@ -273,7 +273,7 @@ def test_custom_op_stages_run(tiny_llama_onnx: Path, calib_ids: Path) -> None:
 
     sequential.run_sequential(model, groups, batches, solve_stage=solve_stage, model_dir=tiny_llama_onnx.parent,
                               providers=CPU)
-    assert [n.op_type for n in model.graph].count("GptqMatMul") == 14
+    assert [n.op_type for n in model.graph].count("GptqMatMul") == len(groups) == 15  # with the head
     layer1 = [g.targets[0].activation.name for g in groups if planner.block_key(g) == 1]
     assert all(_rel(received[a].xtx, reference[a].xtx) > 1e-3 for a in layer1)  # 3-bit block 0 upstream
 

@@ -194,13 +194,20 @@ Int8Isa BestInt8Isa() {
   return Int8Isa::kScalar;
 }
 
-// ONNX_GPTQ_CPU_ISA=avx2 / =scalar cap the int8 path as they cap the fp32 one.
+// ONNX_GPTQ_CPU_ISA=avx2 / =scalar cap the int8 path as they cap the fp32 one;
+// =avxvnni caps it at AVX-VNNI (the fp32 path then runs its best build), so
+// that an AVX512-VNNI machine can test both VNNI builds.
 Int8Isa CurrentInt8Isa() {
   static const Int8Isa best = BestInt8Isa();
   Int8Isa isa = best;
   if (const char* env = std::getenv("ONNX_GPTQ_CPU_ISA")) {
     if (std::strcmp(env, "scalar") == 0) isa = Int8Isa::kScalar;
     if (std::strcmp(env, "avx2") == 0 && best != Int8Isa::kScalar) isa = Int8Isa::kAvx2;
+#if defined(ONNX_GPTQ_HAVE_X86_ISA)
+    if (std::strcmp(env, "avxvnni") == 0 && best == Int8Isa::kAvx512Vnni && __builtin_cpu_supports("avxvnni")) {
+      isa = Int8Isa::kAvxVnni;
+    }
+#endif
   }
   return isa;
 }

@@ -120,7 +120,9 @@ void QuantizeTask(void* ctx, size_t task) {
     float* asq = c.asq + m * c.n_q;
     for (int64_t i = c.n_q; i < c.sa_stride; ++i) sa[i] = 0.0f;
     if (!c.qstart) {
-      for (int64_t i = c.K; i < c.Ka; ++i) dst[i] = 0;  // padding of the last chunk
+      // Padding (positions no column maps to: the last chunk's, the GEMM
+      // path's last block) must meet zero activations.
+      for (int64_t i = 0; i < c.Ka; ++i) dst[i] = 0;
       for (int64_t b = 0; b < c.n_blocks; ++b) {
         const int64_t k0 = b * c.bs, len = MinI(c.bs, c.K - k0);
         int32_t qsum = 0;
@@ -410,6 +412,11 @@ void BlockedTask(void* ctx, size_t task) {
   }
 }
 
+// Largest M served by the direct path (codes unpacked per row tile).
+constexpr int64_t kInt8DirectRows = 4;
+
+#include "int8_gemm.h"
+
 // ------------------------------------------------------------------ g_idx
 
 // Per output column: gather its codes into group order, then one exact dot
@@ -458,8 +465,6 @@ void FinishTask(void* ctx, size_t task) {
   for (int64_t m = m0; m < m1; ++m) V8::FloatToHalf(c.Yf + m * c.N, static_cast<uint16_t*>(c.p->Y) + m * c.N, c.N);
 }
 
-// Largest M served by the direct path (codes unpacked per row tile).
-constexpr int64_t kInt8DirectRows = 4;
 // Rows per task of the blocked path: enough to amortise unpacking a tile of
 // columns, few enough that their activations (rows x K bytes) stay in L2.
 constexpr int64_t kInt8RowsPerBlock = 64;
@@ -505,9 +510,16 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
   Buffer qstart(p.g_idx ? size_t(c.n_groups + 1) * sizeof(int32_t) : 0);
   if (!kperm.ptr || !qstart.ptr) return Status::kOutOfMemory;
   int32_t* kp = kperm.as<int32_t>();
+  bool use_gemm = false;
   if (!p.g_idx) {
     PlanUnits<V8, BITS>(c);
-    for (int64_t k = 0; k < c.K; ++k) kp[k] = int32_t(UnitPosition<V8, BITS>(c, k));
+    if constexpr (V8::kSimd) use_gemm = UseGemm(c);
+    if (use_gemm) {
+      c.Ka = c.n_blocks * c.bs;
+      for (int64_t k = 0; k < c.K; ++k) kp[k] = int32_t(GemmPosition<V8, BITS>(c, k));
+    } else {
+      for (int64_t k = 0; k < c.K; ++k) kp[k] = int32_t(UnitPosition<V8, BITS>(c, k));
+    }
     c.n_q = c.n_blocks;
   } else {
     // Counting sort of K by group: qs[g] = first position of group g.
@@ -571,7 +583,14 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
     const int64_t want_groups = MaxI(1, CeilDiv(int64_t(threads) * 8, row_blocks));
     c.cols_per_task = MaxI(4, CeilDiv(CeilDiv(c.N, want_groups), 4) * 4);
     c.col_groups = CeilDiv(c.N, c.cols_per_task);
-    runner.run(runner.ctx, size_t(c.col_groups * row_blocks), &BlockedTask<V8, BITS>, &c);
+    if constexpr (V8::kSimd) {
+      if (use_gemm) {
+        c.cols_per_task = MaxI(kGemmCols, CeilDiv(CeilDiv(c.N, want_groups), 4 * kGemmCols) * 4 * kGemmCols);
+        c.col_groups = CeilDiv(c.N, c.cols_per_task);
+        runner.run(runner.ctx, size_t(c.col_groups * row_blocks), &GemmTask<V8, BITS>, &c);
+      }
+    }
+    if (!use_gemm) runner.run(runner.ctx, size_t(c.col_groups * row_blocks), &BlockedTask<V8, BITS>, &c);
   }
   if (c.failed_alloc) return Status::kOutOfMemory;
   if (p.dtype == DType::kFloat16) runner.run(runner.ctx, row_tasks, &FinishTask<V8>, &c);

@@ -132,6 +132,64 @@ struct X86I8 {
     }
   }
 
+  // One vector of the GEMM path (int8_gemm.h): acc += codes x activations,
+  // int32 lanes on VNNI and for 8 bits, int16 pairs otherwise (at most
+  // NarrowVectors() of them before Widen).
+  template <int BITS>
+  static I Dot1(I acc, I cv, I av) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, cv, av);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, cv, av);
+#else
+    if constexpr (BITS == 8) {
+      const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(cv), _mm256_sign_epi8(av, cv));
+      return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    } else {
+      return _mm256_add_epi16(acc, _mm256_maddubs_epi16(cv, av));
+    }
+#endif
+  }
+  template <int BITS>
+  static constexpr int64_t NarrowVectors() {
+    return (kVnni || BITS == 8) ? (int64_t(1) << 40) : 32767 / (2 * ((1 << BITS) - 1) * 127);
+  }
+
+  // Transpose of P vectors seen as P x P elements of 32 / P bytes:
+  // element d of out[x] = element x of in[d]. P = 1, 2, 4 or 8.
+  template <int P>
+  static void Transpose(const I* in, I* out) {
+    if constexpr (P == 1) {
+      out[0] = in[0];
+    } else if constexpr (P == 2) {
+      out[0] = _mm256_permute2x128_si256(in[0], in[1], 0x20);
+      out[1] = _mm256_permute2x128_si256(in[0], in[1], 0x31);
+    } else if constexpr (P == 4) {
+      const __m256i t0 = _mm256_unpacklo_epi64(in[0], in[1]), t1 = _mm256_unpackhi_epi64(in[0], in[1]);
+      const __m256i t2 = _mm256_unpacklo_epi64(in[2], in[3]), t3 = _mm256_unpackhi_epi64(in[2], in[3]);
+      out[0] = _mm256_permute2x128_si256(t0, t2, 0x20);
+      out[1] = _mm256_permute2x128_si256(t1, t3, 0x20);
+      out[2] = _mm256_permute2x128_si256(t0, t2, 0x31);
+      out[3] = _mm256_permute2x128_si256(t1, t3, 0x31);
+    } else {
+      __m256i a[8], b[8];
+      for (int i = 0; i < 4; ++i) {
+        a[2 * i] = _mm256_unpacklo_epi32(in[2 * i], in[2 * i + 1]);
+        a[2 * i + 1] = _mm256_unpackhi_epi32(in[2 * i], in[2 * i + 1]);
+      }
+      for (int i = 0; i < 2; ++i) {
+        for (int h = 0; h < 2; ++h) {
+          b[4 * i + 2 * h] = _mm256_unpacklo_epi64(a[4 * i + h], a[4 * i + 2 + h]);
+          b[4 * i + 2 * h + 1] = _mm256_unpackhi_epi64(a[4 * i + h], a[4 * i + 2 + h]);
+        }
+      }
+      for (int x = 0; x < 4; ++x) {
+        out[x] = _mm256_permute2x128_si256(b[x], b[4 + x], 0x20);
+        out[x + 4] = _mm256_permute2x128_si256(b[x], b[4 + x], 0x31);
+      }
+    }
+  }
+
   // 8 lane scales from p[0 .. bpc): lane d gets p[d * bpc / 8]. Reads 8 floats.
   static __m256 LaneScales(const float* p, int bpc) {
     if (bpc == 1) return _mm256_broadcast_ss(p);
