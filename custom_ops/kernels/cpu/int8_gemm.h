@@ -87,19 +87,41 @@ inline void GemmUnpackGroup(const Call& c, int64_t n, int64_t b0, uint8_t* dst) 
   using I = typename V8::I;
   constexpr int S = V8::template Vectors<BITS>();
   constexpr int64_t CB = V8::template ChunkBytes<BITS>();
+  const uint8_t* src = c.Blob(n, b0);
   for (int64_t ch = 0; ch < c.cpb; ++ch) {
-    I cv[P][S];
-    GPTQ_UNROLL
-    for (int d = 0; d < P; ++d) V8::template Unpack<BITS>(c.Blob(n, b0 + d) + ch * CB, cv[d]);
+    I out[S][P];
+    if constexpr (BITS == 3) {
+      // Unpack first (3-byte groups cross the elements), then transpose.
+      I cv[P][S];
+      GPTQ_UNROLL
+      for (int d = 0; d < P; ++d) V8::template Unpack<BITS>(src + d * c.blob + ch * CB, cv[d]);
+      GPTQ_UNROLL
+      for (int s = 0; s < S; ++s) {
+        I in[P];
+        GPTQ_UNROLL
+        for (int d = 0; d < P; ++d) in[d] = cv[d][s];
+        V8::template Transpose<P>(in, out[s]);
+      }
+    } else {
+      // 2/4/8 bits unpack every byte on its own, so the raw chunks can be
+      // transposed once and unpacked after (S times fewer shuffles).
+      I raw[P], t[P];
+      GPTQ_UNROLL
+      for (int d = 0; d < P; ++d) raw[d] = V8::LoadI(src + d * c.blob + ch * CB);
+      V8::template Transpose<P>(raw, t);
+      GPTQ_UNROLL
+      for (int x = 0; x < P; ++x) {
+        I u[S];
+        V8::template UnpackBytes<BITS>(t[x], u);
+        GPTQ_UNROLL
+        for (int s = 0; s < S; ++s) out[s][x] = u[s];
+      }
+    }
     GPTQ_UNROLL
     for (int s = 0; s < S; ++s) {
-      I in[P], out[P];
-      GPTQ_UNROLL
-      for (int d = 0; d < P; ++d) in[d] = cv[d][s];
-      V8::template Transpose<P>(in, out);
       const int64_t v = ch * S + s;
       GPTQ_UNROLL
-      for (int x = 0; x < P; ++x) V8::StoreI(dst + (v * P + x) * V8::W, out[x]);
+      for (int x = 0; x < P; ++x) V8::StoreI(dst + (v * P + x) * V8::W, out[s][x]);
     }
   }
 }
@@ -122,7 +144,7 @@ inline void GemmUnpackColumn(const Call& c, int64_t n, uint8_t* dst) {
 
 // Per-lane weight scales of column n for the group (b0, P).
 template <class V8>
-inline typename V8::FV::F GemmWeightScales(const Call& c, int64_t n, int64_t b0, int P) {
+inline auto GemmWeightScales(const Call& c, int64_t n, int64_t b0, int P) {
   const int64_t idx = n * c.n_groups + b0;
   if (c.scales_f32 && idx + 8 <= c.N * c.n_groups) return V8::LaneScales(c.scales_f32 + idx, P);
   float tmp[8] = {};
@@ -134,11 +156,11 @@ inline typename V8::FV::F GemmWeightScales(const Call& c, int64_t n, int64_t b0,
 // kGemmCols); pre: the tile's columns unpacked ([kGemmCols][Ka]); zs from ZeroScales.
 template <class V8, int BITS>
 inline void GemmTile(const Call& c, int64_t r0, int rv, int64_t n0, int nv, const uint8_t* pre, const float* zs) {
-  using FV = typename V8::FV;
-  using F = typename FV::F;
-  using I = typename V8::I;
+  using G = typename V8::Gemm;
+  using F = typename G::F;
+  using I = typename G::I;
   constexpr int R = kGemmRows, NB = kGemmCols;
-  constexpr int64_t NV = V8::template NarrowVectors<BITS>();
+  constexpr int64_t NV = V8::template NarrowVectors<BITS>() * G::kStep;  // bytes per narrow run
   const int8_t* act[R];
   const float* sa[R];
   GPTQ_UNROLL
@@ -154,54 +176,48 @@ inline void GemmTile(const Call& c, int64_t r0, int rv, int64_t n0, int nv, cons
   GPTQ_UNROLL
   for (int r = 0; r < R; ++r)
     GPTQ_UNROLL
-    for (int j = 0; j < NB; ++j) facc[r][j] = FV::Zero();
+    for (int j = 0; j < NB; ++j) facc[r][j] = G::Zero();
   for (int64_t b0 = 0; b0 < c.n_blocks;) {
     const int P = GemmGroupAt(c.n_blocks, b0);
-    F sc[R][NB];
-    {
-      F ws[NB];
-      GPTQ_UNROLL
-      for (int j = 0; j < NB; ++j) ws[j] = GemmWeightScales<V8>(c, n0 + (j < nv ? j : nv - 1), b0, P);
-      GPTQ_UNROLL
-      for (int r = 0; r < R; ++r) {
-        const F sv = V8::LaneScales(sa[r] + b0, P);
-        GPTQ_UNROLL
-        for (int j = 0; j < NB; ++j) sc[r][j] = V8::MulF(sv, ws[j]);
-      }
-    }
-    const int64_t base = b0 * c.bs, steps = P * c.bs / V8::W;
-    for (int64_t st0 = 0; st0 < steps; st0 += NV) {
+    const int64_t base = b0 * c.bs, end = base + P * c.bs;
+    for (int64_t run = base; run < end; run += NV) {
       I acc[R][NB];
       GPTQ_UNROLL
       for (int r = 0; r < R; ++r)
         GPTQ_UNROLL
-        for (int j = 0; j < NB; ++j) acc[r][j] = V8::IZero();
-      const int64_t st1 = MinI(steps, st0 + NV);
-      for (int64_t off = base + st0 * V8::W, end = base + st1 * V8::W; off < end; off += V8::W) {
+        for (int j = 0; j < NB; ++j) acc[r][j] = I();
+      const int64_t run_end = MinI(end, run + NV);
+      for (int64_t off = run; off < run_end; off += G::kStep) {
+        // 64-byte vectors: a group may end on an odd 32-byte step.
+        const auto mask = G::Mask(run_end - off);
         I cv[NB];
         GPTQ_UNROLL
-        for (int j = 0; j < NB; ++j) cv[j] = V8::LoadI(col[j] + off);
+        for (int j = 0; j < NB; ++j) cv[j] = G::Load(col[j] + off, mask);
         GPTQ_UNROLL
         for (int r = 0; r < R; ++r) {
-          const I av = V8::LoadI(act[r] + off);
+          const I av = G::Load(act[r] + off, mask);
           GPTQ_UNROLL
           for (int j = 0; j < NB; ++j) acc[r][j] = V8::template Dot1<BITS>(acc[r][j], cv[j], av);
         }
       }
+      F ws[NB];
       GPTQ_UNROLL
-      for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j) ws[j] = G::FromLanes(GemmWeightScales<V8>(c, n0 + (j < nv ? j : nv - 1), b0, P));
+      GPTQ_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const F sv = G::FromLanes(V8::LaneScales(sa[r] + b0, P));
         GPTQ_UNROLL
         for (int j = 0; j < NB; ++j) {
-          const I dot = V8::template Widen<BITS>(V8::IZero(), acc[r][j]);
-          facc[r][j] = FV::Fma(V8::ToFloat(dot), sc[r][j], facc[r][j]);
+          facc[r][j] = G::Fma(G::ToFloat(V8::template GemmWiden<BITS>(acc[r][j])), G::Mul(sv, ws[j]), facc[r][j]);
         }
+      }
     }
     b0 += P;
   }
   for (int r = 0; r < rv; ++r) {
     const float* asq = c.asq + (r0 + r) * c.n_q;
     for (int j = 0; j < nv; ++j) {
-      float y = FV::Hsum(facc[r][j]) - V8::DotF(zs + j * c.n_blocks, asq, c.n_blocks);  // zero points
+      float y = G::Hsum(facc[r][j]) - V8::DotF(zs + j * c.n_blocks, asq, c.n_blocks);  // zero points
       if (c.bias) y += c.bias[n0 + j];
       c.Yf[(r0 + r) * c.N + n0 + j] = y;
     }
