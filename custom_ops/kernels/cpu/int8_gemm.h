@@ -163,11 +163,13 @@ inline void GemmTile(const Call& c, int64_t r0, int rv, int64_t n0, int nv, cons
   constexpr int64_t NV = V8::template NarrowVectors<BITS>() * G::kStep;  // bytes per narrow run
   const int8_t* act[R];
   const float* sa[R];
+  const float* asq[R];
   GPTQ_UNROLL
   for (int r = 0; r < R; ++r) {
     const int64_t row = r0 + (r < rv ? r : rv - 1);
     act[r] = c.act + row * c.Ka;
     sa[r] = c.sa + row * c.sa_stride;
+    asq[r] = c.asq + row * c.n_q;
   }
   const uint8_t* col[NB];
   GPTQ_UNROLL
@@ -211,13 +213,26 @@ inline void GemmTile(const Call& c, int64_t r0, int rv, int64_t n0, int nv, cons
           facc[r][j] = G::Fma(G::ToFloat(V8::template GemmWiden<BITS>(acc[r][j])), G::Mul(sv, ws[j]), facc[r][j]);
         }
       }
+      // The zero points' share, sum over the group's blocks of zs * asq
+      // (see ZeroScales): each block fills lanes / P lanes, hence the factor.
+      if (run == base) {
+        const F share = G::Set1(float(P) / float(G::kLanes));
+        F zv[NB];
+        GPTQ_UNROLL
+        for (int j = 0; j < NB; ++j) zv[j] = G::FromLanes(V8::LaneScales(zs + (j < nv ? j : nv - 1) * c.n_blocks + b0, P));
+        GPTQ_UNROLL
+        for (int r = 0; r < R; ++r) {
+          const F av = G::Mul(G::FromLanes(V8::LaneScales(asq[r] + b0, P)), share);
+          GPTQ_UNROLL
+          for (int j = 0; j < NB; ++j) facc[r][j] = G::Fnma(zv[j], av, facc[r][j]);
+        }
+      }
     }
     b0 += P;
   }
   for (int r = 0; r < rv; ++r) {
-    const float* asq = c.asq + (r0 + r) * c.n_q;
     for (int j = 0; j < nv; ++j) {
-      float y = G::Hsum(facc[r][j]) - V8::DotF(zs + j * c.n_blocks, asq, c.n_blocks);  // zero points
+      float y = G::Hsum(facc[r][j]);
       if (c.bias) y += c.bias[n0 + j];
       c.Yf[(r0 + r) * c.N + n0 + j] = y;
     }
@@ -234,7 +249,7 @@ void GemmTask(void* ctx, size_t task) {
   const int64_t m0 = row_block * c.rows_per_block, m1 = MinI(c.M, m0 + c.rows_per_block);
   uint8_t* pre = static_cast<uint8_t*>(detail::ThreadScratch(detail::kScratchCodes, size_t(kGemmCols * c.Ka)));
   float* zs = static_cast<float*>(
-      detail::ThreadScratch(detail::kScratchGroups, size_t(kGemmCols * c.n_blocks) * sizeof(float)));
+      detail::ThreadScratch(detail::kScratchGroups, size_t(kGemmCols * c.n_blocks + 8) * sizeof(float)));
   if (!pre || !zs) {
     c.failed_alloc = true;
     return;

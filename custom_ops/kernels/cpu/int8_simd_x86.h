@@ -30,6 +30,9 @@ struct X86GemmY {
   static F ToFloat(I v) { return _mm256_cvtepi32_ps(v); }
   static F Fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static constexpr int kLanes = 8;
+  static F Set1(float x) { return _mm256_set1_ps(x); }
+  static F Fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
   static F FromLanes(__m256 v) { return v; }
   static float Hsum(F v) { return Avx2V::Hsum(v); }
 };
@@ -46,6 +49,9 @@ struct X86GemmZ {
   static F ToFloat(I v) { return _mm512_cvtepi32_ps(v); }
   static F Fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static constexpr int kLanes = 16;
+  static F Set1(float x) { return _mm512_set1_ps(x); }
+  static F Fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
   static F FromLanes(__m256 v) {
     const __m512 w = _mm512_castps256_ps512(v);
     return _mm512_shuffle_f32x4(w, w, 0x44);  // 128-bit lanes 0, 1, 0, 1
@@ -149,10 +155,10 @@ struct X86I8 {
   static I DotNarrow(I acc, const I* cv, const I* av) {
     constexpr int S = Vectors<BITS>();
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    for (int s = 0; s < S; ++s) acc = _mm256_dpbusd_epi32(acc, cv[s], av[s]);
+    for (int s = 0; s < S; ++s) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(cv[s]), "v"(av[s]));  // see Dot1
     return acc;
 #elif defined(__AVXVNNI__)
-    for (int s = 0; s < S; ++s) acc = _mm256_dpbusd_avx_epi32(acc, cv[s], av[s]);
+    for (int s = 0; s < S; ++s) __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(cv[s]), "x"(av[s]));
     return acc;
 #else
     if constexpr (BITS == 8) {
