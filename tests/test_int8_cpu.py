@@ -220,21 +220,21 @@ def test_memory_and_work_follow_K_not_block_size(bits: int, m: int) -> None:
     assert int(grew_kib) < 16 * 1024, f"the run grew the peak RSS by {int(grew_kib) // 1024} MiB"
 
 
-# The GEMM path (m >= 4, no g_idx, blocks of whole chunks): blocks interleaved in
-# groups of 8, 4, 2 and 1. K = 15 blocks of 128 gives one group of each size; the
-# second K ends in a ragged block; 4 x 3 register tiles meet row and column edges.
-GEMM_KS = [15 * 128, 14 * 128 + 37]
-
-
+# The GEMM path (m >= 4, no g_idx, blocks of whole chunks, or of whole vectors at
+# 2 and 4 bits): blocks interleaved in groups of 8, 4, 2 and 1. K = 15 blocks gives
+# one group of each size; the second K ends in a ragged block; 4 x 3 register
+# tiles meet row and column edges. Group 32 at 3 bits keeps the per-block path.
 @pytest.mark.parametrize("isa", INT8_ISAS)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("k", GEMM_KS)
+@pytest.mark.parametrize("group", [128, 32])
+@pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("m", [4, 7, 13])
-def test_gemm_path_block_groups(monkeypatch: pytest.MonkeyPatch, isa: str, bits: int, k: int, sym: bool,
-                                m: int) -> None:
+def test_gemm_path_block_groups(monkeypatch: pytest.MonkeyPatch, isa: str, bits: int, group: int, ragged: bool,
+                                sym: bool, m: int) -> None:
     monkeypatch.setenv("ONNX_GPTQ_CPU_ISA", isa)
-    qw = make_weight(8, k, bits, 128, sym=sym, seed=bits + k)
+    k = 14 * group + group // 3 if ragged else 15 * group
+    qw = make_weight(8, k, bits, group, sym=sym, seed=bits + k)
     x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
     ratio = assert_within_quantization_bound(qw, x, run_int8(qw, x))
     assert ratio > 1e-3  # the bound is tight enough to catch a misplaced block

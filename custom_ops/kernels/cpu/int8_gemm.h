@@ -59,11 +59,17 @@ inline int GemmGroupAt(int64_t n_blocks, int64_t b0) {
   return P;
 }
 
-// Whether the GEMM path serves this call (after PlanUnits).
-inline bool UseGemm(const Call& c) {
+// Whether the GEMM path serves this call (after PlanUnits); sets gemm_short
+// for 2- and 4-bit blocks shorter than a chunk whose codes fill whole vectors
+// (block_size 32 at 4 bits, 32 and 64 at 2 bits), unpacked by V8::UnpackShort.
+template <class V8, int BITS>
+inline bool UseGemm(Call& c) {
   // Interleaving pads the last block to whole chunks of every lane: keep it
   // for block sizes that do not dwarf K.
-  return !c.qstart && c.M > kInt8DirectRows && c.n_units > 0 && c.bpc == 1 && c.n_blocks * c.bs <= 2 * c.K;
+  if (c.qstart || c.M <= kInt8DirectRows || c.n_blocks * c.bs > 2 * c.K) return false;
+  if (c.n_units > 0 && c.bpc == 1) return true;
+  c.gemm_short = (BITS == 2 || BITS == 4) && c.bs % V8::W == 0 && c.blob < V8::template ChunkBytes<BITS>();
+  return c.gemm_short;
 }
 
 // Position of natural column k in the interleaved activation rows.
@@ -74,8 +80,13 @@ inline int64_t GemmPosition(const Call& c, int64_t k) {
   int64_t b0 = 0;
   int P = 1;
   GemmGroupOf(c.n_blocks, b, &b0, &P);
-  const int64_t ch = q / C;
-  const int64_t qp = ch * C + V8::template LanePosition<BITS>(q - ch * C);  // position in the block's stream
+  int64_t qp = 0;  // position in the block's stream
+  if (c.gemm_short) {
+    qp = q / V8::W * V8::W + V8::template ShortPosition<BITS>(q % V8::W);
+  } else {
+    const int64_t ch = q / C;
+    qp = ch * C + V8::template LanePosition<BITS>(q - ch * C);
+  }
   const int64_t E = V8::W / P;
   const int64_t v = qp / V8::W, x = (qp % V8::W) / E, i = qp % E;
   return b0 * c.bs + (v * P + x) * V8::W + (b - b0) * E + i;
@@ -88,6 +99,19 @@ inline void GemmUnpackGroup(const Call& c, int64_t n, int64_t b0, uint8_t* dst) 
   constexpr int S = V8::template Vectors<BITS>();
   constexpr int64_t CB = V8::template ChunkBytes<BITS>();
   const uint8_t* src = c.Blob(n, b0);
+  if (c.gemm_short) {
+    if constexpr (BITS == 2 || BITS == 4) {
+      for (int64_t v = 0; v < c.bs / V8::W; ++v) {
+        I in[P], out[P];
+        GPTQ_UNROLL
+        for (int d = 0; d < P; ++d) in[d] = V8::template UnpackShort<BITS>(src + d * c.blob + v * (V8::W * BITS / 8));
+        V8::template Transpose<P>(in, out);
+        GPTQ_UNROLL
+        for (int x = 0; x < P; ++x) V8::StoreI(dst + (v * P + x) * V8::W, out[x]);
+      }
+    }
+    return;
+  }
   for (int64_t ch = 0; ch < c.cpb; ++ch) {
     I out[S][P];
     if constexpr (BITS == 3) {

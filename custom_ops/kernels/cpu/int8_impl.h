@@ -58,6 +58,7 @@ struct Call {
   // SIMD geometry (n_units = 0: everything in natural order by scalar code).
   int64_t unit_bytes = 0, unit_codes = 0, cpb = 1, bpc = 1, n_units = 0, simd_blocks = 0;
   int64_t last_cpb = 1;  // chunks of the last unit that reach below K
+  bool gemm_short = false;  // GEMM path with blocks shorter than a chunk (int8_gemm.h)
   int code_offset = 0;  // subtracted from codes by the SIMD dot product (V8::CodeOffset)
   const float* scales_f32 = nullptr;
   const uint16_t* scales_f16 = nullptr;
@@ -515,11 +516,14 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
   bool use_gemm = false;
   if (!p.g_idx) {
     PlanUnits<V8, BITS>(c);
-    if constexpr (V8::kSimd) use_gemm = UseGemm(c);
-    if (use_gemm) {
-      c.Ka = c.n_blocks * c.bs;
-      for (int64_t k = 0; k < c.K; ++k) kp[k] = int32_t(GemmPosition<V8, BITS>(c, k));
-    } else {
+    if constexpr (V8::kSimd) {
+      use_gemm = UseGemm<V8, BITS>(c);
+      if (use_gemm) {
+        c.Ka = c.n_blocks * c.bs;
+        for (int64_t k = 0; k < c.K; ++k) kp[k] = int32_t(GemmPosition<V8, BITS>(c, k));
+      }
+    }
+    if (!use_gemm) {
       for (int64_t k = 0; k < c.K; ++k) kp[k] = int32_t(UnitPosition<V8, BITS>(c, k));
     }
     c.n_q = c.n_blocks;

@@ -129,6 +129,28 @@ struct X86I8 {
       UnpackBytes<BITS>(LoadI(src), out);
     }
   }
+  // 32 codes from W * BITS / 8 bytes (2 and 4 bits; the GEMM path's short
+  // blocks): code q lands at ShortPosition(q) (4 bits: nibbles low then high,
+  // 16 bytes each; 2 bits: 2-bit field s of the 8 bytes at 8 s).
+  template <int BITS>
+  static int64_t ShortPosition(int64_t q) {
+    constexpr int S = 8 / BITS;
+    return (q % S) * (W / S) + q / S;
+  }
+  template <int BITS>
+  static I UnpackShort(const uint8_t* src) {
+    const __m128i mask = _mm_set1_epi8(char((1 << BITS) - 1));
+    if constexpr (BITS == 4) {
+      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+      return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(x, 4), mask), _mm_and_si128(x, mask));
+    } else {
+      const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+      const __m128i lo = _mm_unpacklo_epi64(_mm_and_si128(x, mask), _mm_and_si128(_mm_srli_epi16(x, 2), mask));
+      const __m128i hi =
+          _mm_unpacklo_epi64(_mm_and_si128(_mm_srli_epi16(x, 4), mask), _mm_and_si128(_mm_srli_epi16(x, 6), mask));
+      return _mm256_set_m128i(hi, lo);
+    }
+  }
   // Unpack of 2/4/8 bits from a loaded chunk: each byte unpacks on its own.
   template <int BITS>
   static void UnpackBytes(__m256i v, I* out) {
