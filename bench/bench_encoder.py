@@ -12,14 +12,15 @@ sentence-transformers does for this model. Printed per row:
 * top1: fraction of sentences whose quantized embedding is closest (cosine)
   to its own fp32 embedding among all fp32 embeddings.
 
-Rows are METHOD:gGROUP[:dDAMP] (METHOD rtn or gptq), e.g.
+Rows are METHOD:gGROUP[:dDAMP][:seq] (METHOD rtn or gptq; seq: sequential
+calibration, else one pass), e.g.
 
-    python bench/bench_encoder.py austen 128 "rtn:g32,gptq:g32,gptq:g32:d0.1,rtn:g128,gptq:g128"
+    python bench/bench_encoder.py austen 128 "rtn:g32,gptq:g32,gptq:g32:d0.1,rtn:g128,gptq:g128,gptq:g128:seq"
 
 The first argument names the calibration text: austen (the six novels'
 paragraphs) or sotu (State of the Union addresses before 2000); the second the
-number of calibration samples (seq_len 128). The GPTQ rows share one set of
-Hessians (devtools.hessian_memo): quant times after the first are solve times.
+number of calibration samples (seq_len 128). The one-pass GPTQ rows share one set
+of Hessians (devtools.hessian_memo): quant times after the first are solve times.
 """
 from __future__ import annotations
 
@@ -124,21 +125,26 @@ def main() -> None:
     with reuse_hessians():  # GPTQ rows after the first solve on its Hessians
         for row in args.rows.split(","):
             method, group, *rest = row.split(":")
-            damp = float(rest[0][1:]) if rest else QuantConfig().damp
+            damps = [float(r[1:]) for r in rest if r.startswith("d")]
+            damp = damps[0] if damps else QuantConfig().damp
+            sequential = "seq" in rest
             config = QuantConfig(bits=args.bits, group_size=int(group[1:]), algo=method, damp=damp,
-                                 accuracy_level=args.accuracy_level)
+                                 accuracy_level=args.accuracy_level, head_bits=None,
+                                 embedding_bits=None)  # the body only, as recorded
             out = work / f"q_{args.domain}_{args.bits}_{row.replace(':', '_')}.onnx"
             start = time.perf_counter()
             quantize_with_report(reference, str(calib), config, output=out, tokenizer=tokenizer_json,
-                                 calib=CalibConfig(num_samples=args.num_samples, seq_len=SEQ_LEN, split="samples"))
+                                 calib=CalibConfig(num_samples=args.num_samples, seq_len=SEQ_LEN, split="samples",
+                                                   sequential=sequential))
             seconds = time.perf_counter() - start
             cos, top1 = fidelity(embed(out, tokenizer_json, sentences), fp32)
-            label = f"{method} g{group[1:]}" + (f" d{damp:g}" if method == "gptq" else "")
+            label = f"{method} g{group[1:]}" + (f" d{damp:g}" if method == "gptq" else "") + (" seq" if sequential else "")
             print(f"{label:18s} cos {cos:.5f} top1 {top1:.4f} quant {seconds:.0f}s", flush=True)
             if args.json:
                 with open(args.json, "a", encoding="utf-8") as f:
                     f.write(json.dumps(dict(domain=args.domain, bits=args.bits, method=method, group=int(group[1:]),
-                                            damp=damp if method == "gptq" else None, cos=cos, top1=top1,
+                                            damp=damp if method == "gptq" else None, sequential=sequential,
+                                            cos=cos, top1=top1,
                                             n=args.num_samples, seconds=seconds)) + "\n")
 
 

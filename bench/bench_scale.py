@@ -191,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                            "--batch-size", str(args.batch_size), "--bits", str(args.bits),
                            "--group-size", str(args.group_size), "--report", str(report), "--quiet",
                            *args.extra.split()]
-                if mode == "sequential":
-                    command.append("--sequential")
+                command += ["--sequential", "on" if mode == "sequential" else "off"]
                 code, wall, memory = run_measured(command, kill_above=kill_above,
                                                   log=workdir / f"{model.stem}.{mode}.log")
                 phases = json.loads(report.read_text())["phases"] if code == 0 and report.exists() else {}

@@ -129,7 +129,8 @@ def main() -> None:
     ids_path = args.workdir / "calib_ids.npy"
     np.save(ids_path, ids)  # every row sees exactly these tokens
 
-    config = QuantConfig(bits=4, group_size=args.group_size, sym=args.sym)
+    config = QuantConfig(bits=4, group_size=args.group_size, sym=args.sym, head_bits=None,
+                         embedding_bits=None)  # the body only, as onnxruntime's quantizers
     times: dict[str, float] = {}
     outputs: dict[str, tuple[Path, str]] = {}
     for algo in ("gptq", "rtn"):

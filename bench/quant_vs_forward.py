@@ -54,8 +54,8 @@ def main() -> None:
     del session
 
     start = time.perf_counter()
-    _, report = quantize_with_report(model, ids_path, QuantConfig(bits=4, group_size=128),
-                                     calib=calib,
+    _, report = quantize_with_report(model, ids_path, QuantConfig(bits=4, group_size=128, head_bits=None,
+                                     embedding_bits=None), calib=calib,
                                      output=work / "q4_timing.onnx")
     total = time.perf_counter() - start
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in report.phases.items())

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     for bits in args.bits:
         out = work / f"w{bits}_custom.onnx"
         t = time.time()
-        quantize_with_report(ref, calib, QuantConfig(bits=bits, group_size=128, format="custom"),
+        quantize_with_report(ref, calib, QuantConfig(bits=bits, group_size=128, format="custom", head_bits=None,
+                                                   embedding_bits=None),
                              calib=CalibConfig(num_samples=args.calib_samples, seq_len=512), tokenizer=tok,
                              output=out)
         quant_s = time.time() - t

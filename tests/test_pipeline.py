@@ -95,7 +95,10 @@ def test_report_records_every_setting(tiny_llama_onnx: Path, calib_ids: Path, tm
     written = json.loads((tmp_path / "r.json").read_text())
     assert QuantConfig.from_dict(written["config"]) == config
     # The text split is resolved before calibration, so the report says which one ran and why.
-    assert written["calib"] == CALIB.to_dict() | {"split": "windows", "split_reason": "model kind causal-lm (from graph)"}
+    # So are the calibration mode (auto: sequential, the tiny llama has a cut between its two blocks).
+    assert written["calib"] == CALIB.to_dict() | {"split": "windows", "split_reason": "model kind causal-lm (from graph)",
+                                                  "sequential": True,
+                                                  "sequential_reason": "auto: the graph has 1 cut(s) between its blocks"}
     assert written["selection"] == config.layers.to_dict()
     assert written["run"] == {"jobs": 1, "device": "cpu"}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -28,9 +29,9 @@ def test_ort_output_equals_float_model_with_dequantized_weights(tiny_lm_onnx, ca
     assert out == tmp_path / "q.onnx"
     quantized = ir.load(out)
     qweights = read_packed(quantized)
-    assert len(qweights) == len(report.layers) == (14 if which == "llama" else 8)
+    assert len(qweights) == len(report.layers) == (15 if which == "llama" else 9)  # with the head
     got = run(quantized, FEEDS)
-    want = run(dequantized_reference(path, config, qweights), FEEDS)
+    want = run(dequantized_reference(path, config, qweights, quantized), FEEDS)
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
     # GPTQ beats round-to-nearest in the H-weighted error, layer by layer.
     assert all(r.error <= r.rtn_error * 1.0001 for r in report.layers)
@@ -43,11 +44,11 @@ def test_api_returns_the_kind_it_was_given(tiny_llama_onnx, calib_ids):
     config = QuantConfig(bits=8, group_size=-1)
     result = quantize(proto, calib_ids, config, calib=CALIB)
     assert isinstance(result, onnx.ModelProto)
-    assert sum(n.op_type == "MatMulNBits" for n in result.graph.node) == 14
+    assert sum(n.op_type == "MatMulNBits" for n in result.graph.node) == 15  # with the head
     assert sum(n.op_type == "MatMul" for n in proto.graph.node) == 19  # the caller's proto is untouched
     model = ir.load(tiny_llama_onnx)
     assert quantize(model, calib_ids, config, calib=CALIB) is model
-    assert sum(n.op_type == "MatMulNBits" for n in model.graph) == 14
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph) == 15
 
 
 def test_passes_and_jobs_do_not_change_the_result(tiny_llama_onnx, calib_ids, tmp_path):
@@ -56,9 +57,10 @@ def test_passes_and_jobs_do_not_change_the_result(tiny_llama_onnx, calib_ids, tm
     assert len(plan_passes(groups, activation_widths, budget=12 * 64 * 64 + 1)) > 3  # about one activation a pass
     assert len(plan_passes(groups, activation_widths, budget=1 << 40)) == 1
     config = QuantConfig(bits=4, group_size=32)
-    one = quantize(tiny_llama_onnx, calib_ids, config, calib=CALIB, output=tmp_path / "one.onnx")
+    one_pass = CalibConfig(num_samples=8, seq_len=32, batch_size=4, sequential=False)  # passes are one-pass's
+    one = quantize(tiny_llama_onnx, calib_ids, config, calib=one_pass, output=tmp_path / "one.onnx")
     many = quantize(tiny_llama_onnx, calib_ids, config, output=tmp_path / "many.onnx", jobs=2,
-                    calib=CalibConfig(num_samples=8, seq_len=32, batch_size=4, memory_budget=12 * 64 * 64 + 1))
+                    calib=dataclasses.replace(one_pass, memory_budget=12 * 64 * 64 + 1))
     a, b = ir.load(one), ir.load(many)
     for name, value in a.graph.initializers.items():
         np.testing.assert_array_equal(value.const_value.numpy(), b.graph.initializers[name].const_value.numpy())
@@ -69,13 +71,13 @@ def test_report_json_has_every_layer(tiny_gpt2_onnx, calib_ids, tmp_path):
     quantize(tiny_gpt2_onnx, calib_ids, QuantConfig(bits=3, group_size=16, format="custom"), calib=CALIB,
              output=tmp_path / "q.onnx", report=report_path)
     data = json.loads(report_path.read_text())
-    assert len(data["layers"]) == 8
+    assert len(data["layers"]) == 9  # with the head
     row = data["layers"][0]
     assert row["bits"] == 3 and row["group_size"] == 16 and row["format"] == "custom"
     assert 0 < row["error"] < row["rtn_error"] and row["damp"] == pytest.approx(0.01)
     assert row["calibration_rows"] == 8 * 32
-    assert {s["reason"] for s in data["skipped"]} >= {
-        "output head stays float (use --quantize-head, or name it in --include)"}
+    assert data["layers"][-1]["module"].endswith("lm_head") and data["layers"][-1]["bits"] == 4  # --head's default
+    assert not [s for s in data["skipped"] if "output head" in s["reason"]]
     assert {"calibrate", "solve", "save"} <= set(data["phases"])
 
 
@@ -131,7 +133,7 @@ def test_packed_weights_are_on_disk_until_saved(tiny_llama_onnx, calib_ids, tmp_
 
     monkeypatch.setattr(model_io, "save_atomic", checking_save)
     out = quantize(tiny_llama_onnx, calib_ids, config, calib=calib, output=tmp_path / "q.onnx")
-    assert seen["packed"] == 14 * 3 and seen["on_disk"] == seen["packed"]  # B, scales, zero points
+    assert seen["packed"] == 15 * 3 and seen["on_disk"] == seen["packed"]  # B, scales, zero points; 14 + head
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]  # staging directory removed
     in_memory = quantize(ir.load(tiny_llama_onnx), calib_ids, config, calib=calib)
     saved = ir.load(out)

@@ -12,7 +12,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from onnx_gptq import model_io, rewrite, targets
+from onnx_gptq import embedding, model_io, rewrite, targets
 from onnx_gptq.config import Format, QuantConfig
 from onnx_gptq.qweight import QuantizedWeight
 from tests import tiny_models
@@ -52,8 +52,10 @@ def run(model: ir.Model, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return session.run(None, feeds)[0]
 
 
-def dequantized_reference(path, config: QuantConfig, qweights: dict[str, QuantizedWeight]) -> ir.Model:
-    """The float model with each target's weight input replaced by dequant(W) [K, N]."""
+def dequantized_reference(path, config: QuantConfig, qweights: dict[str, QuantizedWeight],
+                          quantized: ir.Model | None = None) -> ir.Model:
+    """The float model with each target's weight input replaced by dequant(W) [K, N], and each embedding
+    Gather's table by the one `quantized` holds (its GatherBlockQuantized codes read back, dequantized)."""
     model = ir.load(path)
     groups, _ = targets.find_targets(model, config)
     for group in groups:
@@ -66,6 +68,16 @@ def dequantized_reference(path, config: QuantConfig, qweights: dict[str, Quantiz
             if t.node.op_type == "Gemm":
                 t.node.attributes["transB"] = ir.AttrInt64("transB", 0)
                 t.node.attributes["alpha"] = ir.AttrFloat32("alpha", 1.0)
+    tables = [] if quantized is None else list(embedding.read_embeddings(quantized).values())
+    found = embedding.find_embeddings(model) if tables else []
+    assert len(tables) == len(found), (len(tables), len(found))
+    for i, (emb, table) in enumerate(zip(found, tables)):
+        dtype = emb.nodes[0].inputs[0].dtype
+        value = ir.Value(name=f"embedding_{i}_deq", const_value=ir.Tensor(table.dequantize().astype(dtype.numpy())),
+                         shape=ir.Shape(table.shape), type=ir.TensorType(dtype))
+        model.graph.register_initializer(value)
+        for node in emb.nodes:
+            node.replace_input_with(0, value)
     return model
 
 
@@ -111,10 +123,13 @@ def test_rewritten_model_equals_dequantized_reference(tiny_lm_onnx, fmt, bits, g
     assert np.abs(run(ir.load(path), FEEDS) - got).max() > 1e-3
 
 
-def test_head_stays_float_by_default(tiny_llama_onnx):
+def test_head_is_quantized_by_default_and_float_on_request(tiny_llama_onnx):
     model = ir.load(tiny_llama_onnx)
     groups, skips = targets.find_targets(model, QuantConfig())
-    assert len(groups) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert len(groups) == 15 and groups[-1].is_head  # 2 layers x (q, k, v, o, gate, up, down), then the head
+    assert not [s for s in skips if "output head" in s.reason]
+    groups, skips = targets.find_targets(model, QuantConfig(head_bits=None))
+    assert len(groups) == 14  # the head left float
     heads = [s for s in skips if "output head" in s.reason]
     assert len(heads) == 1
     runtime = [s for s in skips if "computed at run time" in s.reason or "Transpose with perm" in s.reason]
@@ -126,7 +141,7 @@ def test_include_exclude_match_module_names(tiny_llama_onnx):
     groups, skips = targets.find_targets(model, QuantConfig(include=(r"layers\.1\.mlp",)))
     assert sorted(g.targets[0].module.split(".")[-1] for g in groups) == ["down_proj", "gate_proj", "up_proj"]
     groups, _ = targets.find_targets(model, QuantConfig(exclude=(r"self_attn",)))
-    assert len(groups) == 6
+    assert len(groups) == 7  # 2 x (gate, up, down) and the head
     assert any("excluded by pattern 'self_attn'" in s.reason for s in targets.find_targets(
         model, QuantConfig(exclude=(r"self_attn",)))[1])
 

@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_gptq import calibrate, model_io, rewrite, targets
+from onnx_gptq import calibrate, cli, model_io, pipeline, rewrite, targets
 from onnx_gptq.calibrate import partition as planner, sequential
 from onnx_gptq.calibrate import HessianStats
-from onnx_gptq.config import QuantConfig
-from onnx_gptq.errors import ModelError
+from onnx_gptq.config import CalibConfig, QuantConfig
+from onnx_gptq.errors import ConfigError, ModelError
 from onnx_gptq.solve import solve
 
 CPU = ("CPUExecutionProvider",)
@@ -273,7 +273,7 @@ def test_custom_op_stages_run(tiny_llama_onnx: Path, calib_ids: Path) -> None:
 
     sequential.run_sequential(model, groups, batches, solve_stage=solve_stage, model_dir=tiny_llama_onnx.parent,
                               providers=CPU)
-    assert [n.op_type for n in model.graph].count("GptqMatMul") == 14
+    assert [n.op_type for n in model.graph].count("GptqMatMul") == len(groups) == 15  # with the head
     layer1 = [g.targets[0].activation.name for g in groups if planner.block_key(g) == 1]
     assert all(_rel(received[a].xtx, reference[a].xtx) > 1e-3 for a in layer1)  # 3-bit block 0 upstream
 
@@ -292,3 +292,76 @@ def test_float_forward_gives_one_pass_hessians_with_real_solve(tiny_lm_onnx: tup
     for name, ref in reference.items():
         assert _rel(got[name].xtx, ref.xtx) < 1e-6, name
     assert [n.op_type for n in model.graph].count("MatMulNBits") == sum(len(g.targets) for g in groups)
+
+
+# ---------------------------------------------------------------------------
+# Sequential or one pass: the auto choice, and what the report says
+
+
+def _quantize(model: ir.Model | onnx.ModelProto, calibration: object, sequential_mode: bool | None,
+              **calib: int) -> pipeline.Report:
+    config = QuantConfig(bits=4, group_size=8, head_bits=None, embedding_bits=None)
+    _, report = pipeline.quantize_with_report(model, calibration, config,
+                                              calib=CalibConfig(sequential=sequential_mode, **calib))
+    return report
+
+
+def test_auto_calibrates_a_cut_graph_sequentially(tiny_llama_onnx: Path, calib_ids: Path) -> None:
+    """The tiny Llama has a cut between its two blocks: auto runs sequentially, and gives sequential's weights."""
+    calib = {"num_samples": 8, "seq_len": 32}
+    auto = _quantize(ir.load(tiny_llama_onnx), str(calib_ids), None, **calib)
+    assert auto.calib["sequential"] is True
+    assert auto.calib["sequential_reason"] == "auto: the graph has 1 cut(s) between its blocks"
+    assert "sequential:calibrate" in auto.phases
+    assert "calibration: sequential (auto: the graph has 1 cut(s) between its blocks)" in auto.summary().splitlines()
+    on = _quantize(ir.load(tiny_llama_onnx), str(calib_ids), True, **calib)
+    assert (on.calib["sequential"], on.calib["sequential_reason"]) == (True, "as asked")
+    assert [r.error for r in auto.layers] == [r.error for r in on.layers]
+    off = _quantize(ir.load(tiny_llama_onnx), str(calib_ids), False, **calib)
+    assert (off.calib["sequential"], off.calib["sequential_reason"]) == (False, "as asked")
+    assert "calibration: one pass (as asked)" in off.summary().splitlines()
+    assert not any(p.startswith("sequential:") for p in off.phases)
+    # Block 1's Hessians differ once block 0 is quantized, so the second block's errors do.
+    assert [r.error for r in auto.layers] != [r.error for r in off.layers]
+
+
+def test_auto_calibrates_in_one_pass_without_a_cut() -> None:
+    """40 parallel MatMuls with 40 tensors across every gap: no cut, so auto runs one pass (where True fails)."""
+    model = ir.serde.serialize_model(_fan_model(40, split=True))
+    rng = np.random.default_rng(2)
+    feeds = [{"x": rng.standard_normal((6, 320)).astype(np.float32)} for _ in range(2)]
+    report = _quantize(model, feeds, None, num_samples=2)
+    assert report.calib["sequential"] is False
+    assert report.calib["sequential_reason"].startswith("auto: the graph has no cut between its layers: fan: cannot "
+                                                        "calibrate sequentially")
+    assert not any(p.startswith("sequential:") for p in report.phases)
+    assert len(report.layers) == 40
+    with pytest.raises(ModelError, match="cannot calibrate sequentially"):
+        _quantize(model, feeds, True, num_samples=2)
+
+
+def test_one_quantized_layer_is_one_pass(tiny_llama_onnx: Path, calib_ids: Path) -> None:
+    model = ir.load(tiny_llama_onnx)
+    groups, _ = targets.find_targets(model, CONFIG)
+    partition, reason = sequential.choose_mode(None, model, groups[:1])
+    assert partition is None and reason == "auto: the quantized layers form one stage"
+    partition, reason = sequential.choose_mode(None, model, groups)
+    assert partition is not None and len(partition.stages) == 3 and reason.startswith("auto: the graph has 2 cut")
+
+
+@pytest.mark.parametrize(("argv", "mode"), [([], None), (["--sequential"], True), (["--sequential", "on"], True),
+                                            (["--sequential", "off"], False), (["--one-pass"], False),
+                                            (["--sequential", "auto"], None)])
+def test_cli_sequential_words(argv: list[str], mode: bool | None) -> None:
+    args = cli.build_parser().parse_args(["m.onnx", *argv, "--providers", "CPUExecutionProvider"])
+    assert cli._configs(args)[1].sequential is mode
+
+
+def test_sequential_words_are_checked() -> None:
+    assert [CalibConfig(sequential=w).sequential for w in ("on", "off", "auto")] == [True, False, None]
+    with pytest.raises(ConfigError, match="sequential: 'yes' is not one of on, off, auto"):
+        CalibConfig(sequential="yes")
+    with pytest.raises(ConfigError, match="sequential: 1 must be True, False or None"):
+        CalibConfig(sequential=1)
+    with pytest.raises(SystemExit):  # argparse: exit code 2, the choices named
+        cli.build_parser().parse_args(["m.onnx", "--one-pass", "--sequential"])

@@ -21,9 +21,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from onnx_gptq import cli, grid, model_io, rewrite
+from onnx_gptq import cli, embedding, grid, model_io, rewrite
 from onnx_gptq.config import CalibConfig, QuantConfig
-from onnx_gptq.errors import NonFiniteError
+from onnx_gptq.errors import ModelError, NonFiniteError
 from onnx_gptq.pipeline import quantize
 from onnx_gptq.qweight import QuantizedWeight
 from onnx_gptq.runtime import custom_ops
@@ -85,9 +85,14 @@ def assert_same(written: QuantizedWeight, solved: QuantizedWeight) -> None:
         np.testing.assert_array_equal(written.g_idx, solved.g_idx)
 
 
-def numpy_reference(weights: dict[str, np.ndarray], solved: dict[str, QuantizedWeight]) -> np.ndarray:
-    """logits of `IDS` with dequantized weights, in float64."""
-    x = weights["E"].astype(np.float64)[IDS]
+def numpy_reference(weights: dict[str, np.ndarray], solved: dict[str, QuantizedWeight],
+                    written: Path | None = None) -> np.ndarray:
+    """logits of `IDS` with dequantized weights, in float64; the embedding table is the one the file at
+    `written` holds (GatherBlockQuantized codes read back and dequantized), else E as it was."""
+    tables = {} if written is None else embedding.read_embeddings(ir.load(written))
+    assert len(tables) <= 1, tables
+    table = next(iter(tables.values())).dequantize() if tables else weights["E"]
+    x = table.astype(np.float64)[IDS]
     h = np.maximum(x @ solved["W1"].dequantize().T.astype(np.float64), 0)
     return h @ solved["W2"].dequantize().T.astype(np.float64)
 
@@ -129,7 +134,7 @@ def test_written_file_holds_the_solvers_weights(tmp_path, calib_file, captured, 
     assert sorted(written) == sorted(captured) == ["W1", "W2"]
     for name, solved in captured.items():
         assert_same(written[name], solved)
-    reference = numpy_reference(weights, captured)
+    reference = numpy_reference(weights, captured, output)
     tolerance = 1e-2 if dtype is np.float16 else 1e-4  # fp16 models compute in fp16
     np.testing.assert_allclose(run_file(output), reference, rtol=0, atol=tolerance * np.abs(reference).max())
 
@@ -143,7 +148,7 @@ def test_act_order_g_idx_is_written_as_solved(tmp_path, calib_file, captured, en
     assert captured["W1"].g_idx is not None and captured["W1"].g_idx.dtype == np.int32
     for name, solved in captured.items():
         assert_same(written[name], solved)
-    reference = numpy_reference(weights, captured)
+    reference = numpy_reference(weights, captured, output)
     np.testing.assert_allclose(run_file(output), reference, rtol=0, atol=1e-2 * np.abs(reference).max())
 
 
@@ -160,7 +165,7 @@ def test_symmetric_and_per_channel_weights_are_written_as_solved(tmp_path, calib
     assert sorted(written) == ["W1", "W2"]
     for name, solved in captured.items():
         assert_same(written[name], solved)
-    reference = numpy_reference(weights, captured)
+    reference = numpy_reference(weights, captured, output)
     np.testing.assert_allclose(run_file(output), reference, rtol=0, atol=1e-2 * np.abs(reference).max())
 
 
@@ -303,6 +308,9 @@ def test_nan_float_weight_left_unquantized_is_refused(tmp_path, calib_file):
     model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(e, "E"))
     onnx.save(model, source)
     with pytest.raises(NonFiniteError, match="'E' holds NaN"):
+        quantize(source, None, QuantConfig(group_size=GROUP, algo="rtn", embedding_bits=None), output=tmp_path / "q.onnx")
+    assert not (tmp_path / "q.onnx").exists()
+    with pytest.raises(ModelError, match="^E: weight contains NaN or Inf"):  # the default quantizes the table
         quantize(source, None, QuantConfig(group_size=GROUP, algo="rtn"), output=tmp_path / "q.onnx")
     assert not (tmp_path / "q.onnx").exists()
 
@@ -336,6 +344,6 @@ def test_summary_says_the_written_file_was_read_back(tmp_path, calib_file, capsy
     argv = [str(source), "-o", str(output), "--calib", str(calib_file), "--num-samples", "4", "--seq-len", "8",
             "--group-size", str(GROUP), "--format", "ort", "--quantize-head", "--report", str(tmp_path / "r.json")]
     assert cli.main(argv) == 0
-    # W1 and W2, each as B, scales and zero points
-    assert "written file read back: 6 packed tensors bit-identical" in capsys.readouterr().out
-    assert json.loads((tmp_path / "r.json").read_text())["verified_tensors"] == 6
+    # W1, W2 and the embedding table E (GatherBlockQuantized by default), each as codes, scales and zero points
+    assert "written file read back: 9 packed tensors bit-identical" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["verified_tensors"] == 9

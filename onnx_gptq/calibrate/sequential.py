@@ -141,6 +141,44 @@ def _forward_session(proto: onnx.ModelProto, model_dir: Path | None,
 
 
 # ---------------------------------------------------------------------------
+# Sequential or one pass
+
+
+def choose_mode(requested: bool | None, model: ir.Model, groups: list[WeightGroup], *,
+                max_crossing: int = DEFAULT_MAX_CROSSING) -> tuple[Partition | None, str]:
+    """Whether calibration runs sequentially, on which plan, and why.
+
+    Sequential calibration measured better than one pass at every bit width on
+    SmolLM2 (docs/BENCHMARKS.md, "Sequential or one pass"), so `None` (auto)
+    takes it wherever the graph can be cut into at least two stages.
+
+    Args:
+        requested: True (sequential), False (one pass) or None (auto).
+        model: the model, before any layer is rewritten.
+        groups: the weights to quantize.
+        max_crossing: most non-constant tensors a cut may cross.
+
+    Returns:
+        (the stages to calibrate sequentially, None for one pass; the reason, in words).
+
+    Raises:
+        ModelError: sequential asked for (True) on a graph with no usable cut.
+    """
+    name = model.graph.name or "model"
+    if requested is False:
+        return None, "as asked"
+    if requested:
+        return plan_stages(model, groups, max_crossing=max_crossing, name=name), "as asked"
+    try:
+        partition = plan_stages(model, groups, max_crossing=max_crossing, name=name)
+    except ModelError as exc:
+        return None, f"auto: the graph has no cut between its layers: {exc}"
+    if len(partition.stages) < 2:
+        return None, "auto: the quantized layers form one stage"
+    return partition, f"auto: the graph has {len(partition.stages) - 1} cut(s) between its blocks"
+
+
+# ---------------------------------------------------------------------------
 # The runner
 
 
@@ -263,4 +301,4 @@ def _forward(model: ir.Model, view: StageView, examples: dict[str, list[np.ndarr
     del session
 
 
-__all__ = ["ActivationCache", "DEFAULT_MAX_CROSSING", "Partition", "Stage", "run_sequential"]
+__all__ = ["ActivationCache", "DEFAULT_MAX_CROSSING", "Partition", "Stage", "choose_mode", "run_sequential"]
