@@ -107,6 +107,7 @@ class LayerQuantizer:
                 written = rewrite.rewrite_group(self.model, group, result.qweight, fmt,
                                                 accuracy_level=config.accuracy_level, taken_names=self.taken,
                                                 store=self.store)
+                rewrite.check_written_finite(written)
             if group.is_head:
                 self.heads[id(group.source)] = (group, written)
             k, n = group.shape

@@ -399,6 +399,26 @@ def _float_types() -> tuple[ir.DataType, ...]:
     return (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 
 
+def _check_produced(name: str, array: np.ndarray) -> None:
+    if not np.isfinite(array).all():
+        bad = "NaN" if np.isnan(array).any() else "Inf"
+        raise NonFiniteError(f"quantized tensor '{name}' would be written with {bad} values "
+                             "(the weight's range does not fit the scale dtype); nothing written")
+
+
+def check_written_finite(written: "WrittenWeight") -> None:
+    """`check_finite` for one weight's packed float tensors (scales), as soon as they are written:
+    a sequential run would otherwise carry a NaN scale into the next stage's calibration.
+
+    Raises:
+        NonFiniteError: naming the tensor.
+    """
+    for value in written.inputs.values():
+        tensor = value.const_value
+        if tensor is not None and tensor.dtype in _float_types():
+            _check_produced(value.name, tensor.numpy().astype(np.float32))
+
+
 def check_finite(model: ir.Model, produced: set[str]) -> None:
     """Refuse to write a model whose tensors hold NaN or Inf.
 
@@ -417,9 +437,7 @@ def check_finite(model: ir.Model, produced: set[str]) -> None:
         if tensor is None or tensor.dtype not in _float_types():
             continue
         array = tensor.numpy().astype(np.float32)
-        if name in produced and not np.isfinite(array).all():
-            bad = "NaN" if np.isnan(array).any() else "Inf"
-            raise NonFiniteError(f"quantized tensor '{name}' would be written with {bad} values "
-                                 "(the weight's range does not fit the scale dtype); nothing written")
-        if name not in produced and np.isnan(array).any():
+        if name in produced:
+            _check_produced(name, array)
+        elif np.isnan(array).any():
             raise NonFiniteError(f"float weight '{name}' holds NaN; nothing written")

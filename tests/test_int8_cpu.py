@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import helper
 
@@ -23,8 +24,9 @@ from onnx_gptq.pack import pack_custom
 from onnx_gptq.qweight import QuantizedWeight
 from tests.test_custom_ops import _PEAK_RSS_CHILD, U32, make_weight, reference
 
-# What ONNX_GPTQ_CPU_ISA can force ("native": the best build, AVX512-VNNI on the
-# machine of docs/BENCHMARKS.md; "avxvnni" falls back to the best build below it).
+# What ONNX_GPTQ_CPU_ISA can force: "native" (any other value) is the best build
+# (AVX512-VNNI on the machine of docs/BENCHMARKS.md); "avxvnni" caps an
+# AVX512-VNNI CPU at AVX-VNNI and changes nothing elsewhere.
 INT8_ISAS = ("native", "avxvnni", "avx2", "scalar")
 
 
@@ -216,3 +218,58 @@ def test_memory_and_work_follow_K_not_block_size(bits: int, m: int) -> None:
     grew_kib, y_min, y_max = out.stdout.split()
     assert float(y_min) == float(y_max) == -(2 ** (bits - 1)) * k  # (0 - zp) * 1 per column
     assert int(grew_kib) < 16 * 1024, f"the run grew the peak RSS by {int(grew_kib) // 1024} MiB"
+
+
+# The GEMM path (m >= 4, no g_idx, blocks of whole chunks, or of whole vectors at
+# 2 and 4 bits): blocks interleaved in groups of 8, 4, 2 and 1. K = 15 blocks gives
+# one group of each size; the second K ends in a ragged block; 4 x 3 register
+# tiles meet row and column edges. Group 32 at 3 bits keeps the per-block path.
+@pytest.mark.parametrize("isa", INT8_ISAS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [128, 32])
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("m", [4, 7, 13])
+def test_gemm_path_block_groups(monkeypatch: pytest.MonkeyPatch, isa: str, bits: int, group: int, ragged: bool,
+                                sym: bool, m: int) -> None:
+    monkeypatch.setenv("ONNX_GPTQ_CPU_ISA", isa)
+    k = 14 * group + group // 3 if ragged else 15 * group
+    qw = make_weight(8, k, bits, group, sym=sym, seed=bits + k)
+    x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+    ratio = assert_within_quantization_bound(qw, x, run_int8(qw, x))
+    assert ratio > 1e-3  # the bound is tight enough to catch a misplaced block
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("m", [5, 70])
+def test_gemm_path_float16_and_bias(bits: int, m: int) -> None:
+    k = 11 * 128
+    qw = make_weight(10, k, bits, 128, dtype=np.float16, seed=bits)
+    x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float16)
+    bias = np.random.default_rng(1).standard_normal(10).astype(np.float16)
+    y = run_int8(qw, x, bias=bias).astype(np.float64)
+    ref = reference(qw, x) + bias.astype(np.float64)
+    bound = quantization_bound(qw, x.astype(np.float32)) + 2.0 ** -10 * np.abs(ref)  # + fp16 output rounding
+    assert float((np.abs(y - ref) / bound).max()) <= 1.0
+
+
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+@pytest.mark.parametrize("m", [16, 40, 129])
+def test_threads_give_identical_results(accuracy_level: int, m: int) -> None:
+    """The task partition follows the hardware, not the session's threads: one and
+    two intra-op threads must give the same bits (both GEMM paths, their edges)."""
+    k = 9 * 128 + 64
+    qw = make_weight(37, k, 4, 128, seed=m)
+    x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+    model = custom_ops.gptq_matmul_model(pack_custom(qw), dtype=x.dtype, accuracy_level=accuracy_level)
+    ys = []
+    for threads in (1, 2):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        ys.append(custom_ops.make_session(model, sess_options=options).run(None, {"A": x})[0])
+    np.testing.assert_array_equal(ys[0], ys[1])
+    if accuracy_level == 4:
+        assert_within_quantization_bound(qw, x, ys[0])
+    else:
+        size = np.abs(x.astype(np.float64)) @ np.abs(qw.dequantize().astype(np.float64)).T
+        assert float((np.abs(ys[0] - reference(qw, x)) / (U32 * size)).max()) <= 64.0

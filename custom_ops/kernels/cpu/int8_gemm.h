@@ -59,11 +59,17 @@ inline int GemmGroupAt(int64_t n_blocks, int64_t b0) {
   return P;
 }
 
-// Whether the GEMM path serves this call (after PlanUnits).
-inline bool UseGemm(const Call& c) {
+// Whether the GEMM path serves this call (after PlanUnits); sets gemm_short
+// for 2- and 4-bit blocks shorter than a chunk whose codes fill whole vectors
+// (block_size 32 at 4 bits, 32 and 64 at 2 bits), unpacked by V8::UnpackShort.
+template <class V8, int BITS>
+inline bool UseGemm(Call& c) {
   // Interleaving pads the last block to whole chunks of every lane: keep it
   // for block sizes that do not dwarf K.
-  return !c.qstart && c.M > kInt8DirectRows && c.n_units > 0 && c.bpc == 1 && c.n_blocks * c.bs <= 2 * c.K;
+  if (c.qstart || c.M <= kInt8DirectRows || c.n_blocks * c.bs > 2 * c.K) return false;
+  if (c.n_units > 0 && c.bpc == 1) return true;
+  c.gemm_short = (BITS == 2 || BITS == 4) && c.bs % V8::W == 0 && c.blob < V8::template ChunkBytes<BITS>();
+  return c.gemm_short;
 }
 
 // Position of natural column k in the interleaved activation rows.
@@ -74,8 +80,13 @@ inline int64_t GemmPosition(const Call& c, int64_t k) {
   int64_t b0 = 0;
   int P = 1;
   GemmGroupOf(c.n_blocks, b, &b0, &P);
-  const int64_t ch = q / C;
-  const int64_t qp = ch * C + V8::template LanePosition<BITS>(q - ch * C);  // position in the block's stream
+  int64_t qp = 0;  // position in the block's stream
+  if (c.gemm_short) {
+    qp = q / V8::W * V8::W + V8::template ShortPosition<BITS>(q % V8::W);
+  } else {
+    const int64_t ch = q / C;
+    qp = ch * C + V8::template LanePosition<BITS>(q - ch * C);
+  }
   const int64_t E = V8::W / P;
   const int64_t v = qp / V8::W, x = (qp % V8::W) / E, i = qp % E;
   return b0 * c.bs + (v * P + x) * V8::W + (b - b0) * E + i;
@@ -87,19 +98,54 @@ inline void GemmUnpackGroup(const Call& c, int64_t n, int64_t b0, uint8_t* dst) 
   using I = typename V8::I;
   constexpr int S = V8::template Vectors<BITS>();
   constexpr int64_t CB = V8::template ChunkBytes<BITS>();
+  const uint8_t* src = c.Blob(n, b0);
+  if (c.gemm_short) {
+    if constexpr (BITS == 2 || BITS == 4) {
+      for (int64_t v = 0; v < c.bs / V8::W; ++v) {
+        I in[P], out[P];
+        GPTQ_UNROLL
+        for (int d = 0; d < P; ++d) in[d] = V8::template UnpackShort<BITS>(src + d * c.blob + v * (V8::W * BITS / 8));
+        V8::template Transpose<P>(in, out);
+        GPTQ_UNROLL
+        for (int x = 0; x < P; ++x) V8::StoreI(dst + (v * P + x) * V8::W, out[x]);
+      }
+    }
+    return;
+  }
   for (int64_t ch = 0; ch < c.cpb; ++ch) {
-    I cv[P][S];
-    GPTQ_UNROLL
-    for (int d = 0; d < P; ++d) V8::template Unpack<BITS>(c.Blob(n, b0 + d) + ch * CB, cv[d]);
+    I out[S][P];
+    if constexpr (BITS == 3) {
+      // Unpack first (3-byte groups cross the elements), then transpose.
+      I cv[P][S];
+      GPTQ_UNROLL
+      for (int d = 0; d < P; ++d) V8::template Unpack<BITS>(src + d * c.blob + ch * CB, cv[d]);
+      GPTQ_UNROLL
+      for (int s = 0; s < S; ++s) {
+        I in[P];
+        GPTQ_UNROLL
+        for (int d = 0; d < P; ++d) in[d] = cv[d][s];
+        V8::template Transpose<P>(in, out[s]);
+      }
+    } else {
+      // 2/4/8 bits unpack every byte on its own, so the raw chunks can be
+      // transposed once and unpacked after (S times fewer shuffles).
+      I raw[P], t[P];
+      GPTQ_UNROLL
+      for (int d = 0; d < P; ++d) raw[d] = V8::LoadI(src + d * c.blob + ch * CB);
+      V8::template Transpose<P>(raw, t);
+      GPTQ_UNROLL
+      for (int x = 0; x < P; ++x) {
+        I u[S];
+        V8::template UnpackBytes<BITS>(t[x], u);
+        GPTQ_UNROLL
+        for (int s = 0; s < S; ++s) out[s][x] = u[s];
+      }
+    }
     GPTQ_UNROLL
     for (int s = 0; s < S; ++s) {
-      I in[P], out[P];
-      GPTQ_UNROLL
-      for (int d = 0; d < P; ++d) in[d] = cv[d][s];
-      V8::template Transpose<P>(in, out);
       const int64_t v = ch * S + s;
       GPTQ_UNROLL
-      for (int x = 0; x < P; ++x) V8::StoreI(dst + (v * P + x) * V8::W, out[x]);
+      for (int x = 0; x < P; ++x) V8::StoreI(dst + (v * P + x) * V8::W, out[s][x]);
     }
   }
 }
@@ -122,7 +168,7 @@ inline void GemmUnpackColumn(const Call& c, int64_t n, uint8_t* dst) {
 
 // Per-lane weight scales of column n for the group (b0, P).
 template <class V8>
-inline typename V8::FV::F GemmWeightScales(const Call& c, int64_t n, int64_t b0, int P) {
+inline auto GemmWeightScales(const Call& c, int64_t n, int64_t b0, int P) {
   const int64_t idx = n * c.n_groups + b0;
   if (c.scales_f32 && idx + 8 <= c.N * c.n_groups) return V8::LaneScales(c.scales_f32 + idx, P);
   float tmp[8] = {};
@@ -134,18 +180,20 @@ inline typename V8::FV::F GemmWeightScales(const Call& c, int64_t n, int64_t b0,
 // kGemmCols); pre: the tile's columns unpacked ([kGemmCols][Ka]); zs from ZeroScales.
 template <class V8, int BITS>
 inline void GemmTile(const Call& c, int64_t r0, int rv, int64_t n0, int nv, const uint8_t* pre, const float* zs) {
-  using FV = typename V8::FV;
-  using F = typename FV::F;
-  using I = typename V8::I;
+  using G = typename V8::Gemm;
+  using F = typename G::F;
+  using I = typename G::I;
   constexpr int R = kGemmRows, NB = kGemmCols;
-  constexpr int64_t NV = V8::template NarrowVectors<BITS>();
+  constexpr int64_t NV = V8::template NarrowVectors<BITS>() * G::kStep;  // bytes per narrow run
   const int8_t* act[R];
   const float* sa[R];
+  const float* asq[R];
   GPTQ_UNROLL
   for (int r = 0; r < R; ++r) {
     const int64_t row = r0 + (r < rv ? r : rv - 1);
     act[r] = c.act + row * c.Ka;
     sa[r] = c.sa + row * c.sa_stride;
+    asq[r] = c.asq + row * c.n_q;
   }
   const uint8_t* col[NB];
   GPTQ_UNROLL
@@ -154,54 +202,61 @@ inline void GemmTile(const Call& c, int64_t r0, int rv, int64_t n0, int nv, cons
   GPTQ_UNROLL
   for (int r = 0; r < R; ++r)
     GPTQ_UNROLL
-    for (int j = 0; j < NB; ++j) facc[r][j] = FV::Zero();
+    for (int j = 0; j < NB; ++j) facc[r][j] = G::Zero();
   for (int64_t b0 = 0; b0 < c.n_blocks;) {
     const int P = GemmGroupAt(c.n_blocks, b0);
-    F sc[R][NB];
-    {
-      F ws[NB];
-      GPTQ_UNROLL
-      for (int j = 0; j < NB; ++j) ws[j] = GemmWeightScales<V8>(c, n0 + (j < nv ? j : nv - 1), b0, P);
-      GPTQ_UNROLL
-      for (int r = 0; r < R; ++r) {
-        const F sv = V8::LaneScales(sa[r] + b0, P);
-        GPTQ_UNROLL
-        for (int j = 0; j < NB; ++j) sc[r][j] = V8::MulF(sv, ws[j]);
-      }
-    }
-    const int64_t base = b0 * c.bs, steps = P * c.bs / V8::W;
-    for (int64_t st0 = 0; st0 < steps; st0 += NV) {
+    const int64_t base = b0 * c.bs, end = base + P * c.bs;
+    for (int64_t run = base; run < end; run += NV) {
       I acc[R][NB];
       GPTQ_UNROLL
       for (int r = 0; r < R; ++r)
         GPTQ_UNROLL
-        for (int j = 0; j < NB; ++j) acc[r][j] = V8::IZero();
-      const int64_t st1 = MinI(steps, st0 + NV);
-      for (int64_t off = base + st0 * V8::W, end = base + st1 * V8::W; off < end; off += V8::W) {
+        for (int j = 0; j < NB; ++j) acc[r][j] = I();
+      const int64_t run_end = MinI(end, run + NV);
+      for (int64_t off = run; off < run_end; off += G::kStep) {
+        // 64-byte vectors: a group may end on an odd 32-byte step.
+        const auto mask = G::Mask(run_end - off);
         I cv[NB];
         GPTQ_UNROLL
-        for (int j = 0; j < NB; ++j) cv[j] = V8::LoadI(col[j] + off);
+        for (int j = 0; j < NB; ++j) cv[j] = G::Load(col[j] + off, mask);
         GPTQ_UNROLL
         for (int r = 0; r < R; ++r) {
-          const I av = V8::LoadI(act[r] + off);
+          const I av = G::Load(act[r] + off, mask);
           GPTQ_UNROLL
           for (int j = 0; j < NB; ++j) acc[r][j] = V8::template Dot1<BITS>(acc[r][j], cv[j], av);
         }
       }
+      F ws[NB];
       GPTQ_UNROLL
-      for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j) ws[j] = G::FromLanes(GemmWeightScales<V8>(c, n0 + (j < nv ? j : nv - 1), b0, P));
+      GPTQ_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const F sv = G::FromLanes(V8::LaneScales(sa[r] + b0, P));
         GPTQ_UNROLL
         for (int j = 0; j < NB; ++j) {
-          const I dot = V8::template Widen<BITS>(V8::IZero(), acc[r][j]);
-          facc[r][j] = FV::Fma(V8::ToFloat(dot), sc[r][j], facc[r][j]);
+          facc[r][j] = G::Fma(G::ToFloat(V8::template GemmWiden<BITS>(acc[r][j])), G::Mul(sv, ws[j]), facc[r][j]);
         }
+      }
+      // The zero points' share, sum over the group's blocks of zs * asq
+      // (see ZeroScales): each block fills lanes / P lanes, hence the factor.
+      if (run == base) {
+        const F share = G::Set1(float(P) / float(G::kLanes));
+        F zv[NB];
+        GPTQ_UNROLL
+        for (int j = 0; j < NB; ++j) zv[j] = G::FromLanes(V8::LaneScales(zs + (j < nv ? j : nv - 1) * c.n_blocks + b0, P));
+        GPTQ_UNROLL
+        for (int r = 0; r < R; ++r) {
+          const F av = G::Mul(G::FromLanes(V8::LaneScales(asq[r] + b0, P)), share);
+          GPTQ_UNROLL
+          for (int j = 0; j < NB; ++j) facc[r][j] = G::Fnma(zv[j], av, facc[r][j]);
+        }
+      }
     }
     b0 += P;
   }
   for (int r = 0; r < rv; ++r) {
-    const float* asq = c.asq + (r0 + r) * c.n_q;
     for (int j = 0; j < nv; ++j) {
-      float y = FV::Hsum(facc[r][j]) - V8::DotF(zs + j * c.n_blocks, asq, c.n_blocks);  // zero points
+      float y = G::Hsum(facc[r][j]);
       if (c.bias) y += c.bias[n0 + j];
       c.Yf[(r0 + r) * c.N + n0 + j] = y;
     }
@@ -218,7 +273,7 @@ void GemmTask(void* ctx, size_t task) {
   const int64_t m0 = row_block * c.rows_per_block, m1 = MinI(c.M, m0 + c.rows_per_block);
   uint8_t* pre = static_cast<uint8_t*>(detail::ThreadScratch(detail::kScratchCodes, size_t(kGemmCols * c.Ka)));
   float* zs = static_cast<float*>(
-      detail::ThreadScratch(detail::kScratchGroups, size_t(kGemmCols * c.n_blocks) * sizeof(float)));
+      detail::ThreadScratch(detail::kScratchGroups, size_t(kGemmCols * c.n_blocks + 8) * sizeof(float)));
   if (!pre || !zs) {
     c.failed_alloc = true;
     return;

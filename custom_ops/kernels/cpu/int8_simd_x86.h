@@ -16,6 +16,50 @@ namespace onnx_gptq {
 namespace cpu {
 namespace GPTQ_ISA_NS {
 
+// Vectors of the GEMM path's inner loop (int8_gemm.h), which reads the
+// interleaved 32-byte layout either one 32-byte step at a time (Y) or two at
+// once (Z, AVX-512: lane d of a 64-byte vector belongs to the block of lane
+// d % 8 of a 32-byte one, so the per-lane scales repeat in both halves).
+struct X86GemmY {
+  static constexpr int kStep = 32;
+  using I = __m256i;
+  using F = __m256;
+  static int Mask(int64_t) { return 0; }
+  static I Load(const void* p, int) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static F Zero() { return _mm256_setzero_ps(); }
+  static F ToFloat(I v) { return _mm256_cvtepi32_ps(v); }
+  static F Fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static constexpr int kLanes = 8;
+  static F Set1(float x) { return _mm256_set1_ps(x); }
+  static F Fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  static F FromLanes(__m256 v) { return v; }
+  static float Hsum(F v) { return Avx2V::Hsum(v); }
+};
+
+#if defined(__AVX512F__)
+struct X86GemmZ {
+  static constexpr int kStep = 64;
+  using I = __m512i;
+  using F = __m512;
+  // All 64 bytes, or the first 32 where only those are left (the rest zero).
+  static __mmask64 Mask(int64_t left) { return left >= 64 ? ~__mmask64(0) : __mmask64(0xffffffffu); }
+  static I Load(const void* p, __mmask64 m) { return _mm512_maskz_loadu_epi8(m, p); }
+  static F Zero() { return _mm512_setzero_ps(); }
+  static F ToFloat(I v) { return _mm512_cvtepi32_ps(v); }
+  static F Fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static constexpr int kLanes = 16;
+  static F Set1(float x) { return _mm512_set1_ps(x); }
+  static F Fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static F FromLanes(__m256 v) {
+    const __m512 w = _mm512_castps256_ps512(v);
+    return _mm512_shuffle_f32x4(w, w, 0x44);  // 128-bit lanes 0, 1, 0, 1
+  }
+  static float Hsum(F v) { return _mm512_reduce_add_ps(v); }
+};
+#endif
+
 struct X86I8 {
   static constexpr bool kSimd = true;
   static constexpr int W = 32;  // byte lanes
@@ -82,14 +126,40 @@ struct X86I8 {
         out[s] = x;
       }
     } else {
-      const __m256i v = LoadI(src);
-      if constexpr (BITS == 8) {
-        out[0] = CodeOffset<8>() ? _mm256_xor_si256(v, _mm256_set1_epi8(char(0x80))) : v;
-      } else {
-        constexpr int S = Vectors<BITS>();
-        const __m256i mask = _mm256_set1_epi8(char((1 << BITS) - 1));
-        for (int s = 0; s < S; ++s) out[s] = _mm256_and_si256(_mm256_srli_epi16(v, BITS * s), mask);
-      }
+      UnpackBytes<BITS>(LoadI(src), out);
+    }
+  }
+  // 32 codes from W * BITS / 8 bytes (2 and 4 bits; the GEMM path's short
+  // blocks): code q lands at ShortPosition(q) (4 bits: nibbles low then high,
+  // 16 bytes each; 2 bits: 2-bit field s of the 8 bytes at 8 s).
+  template <int BITS>
+  static int64_t ShortPosition(int64_t q) {
+    constexpr int S = 8 / BITS;
+    return (q % S) * (W / S) + q / S;
+  }
+  template <int BITS>
+  static I UnpackShort(const uint8_t* src) {
+    const __m128i mask = _mm_set1_epi8(char((1 << BITS) - 1));
+    if constexpr (BITS == 4) {
+      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+      return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(x, 4), mask), _mm_and_si128(x, mask));
+    } else {
+      const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+      const __m128i lo = _mm_unpacklo_epi64(_mm_and_si128(x, mask), _mm_and_si128(_mm_srli_epi16(x, 2), mask));
+      const __m128i hi =
+          _mm_unpacklo_epi64(_mm_and_si128(_mm_srli_epi16(x, 4), mask), _mm_and_si128(_mm_srli_epi16(x, 6), mask));
+      return _mm256_set_m128i(hi, lo);
+    }
+  }
+  // Unpack of 2/4/8 bits from a loaded chunk: each byte unpacks on its own.
+  template <int BITS>
+  static void UnpackBytes(__m256i v, I* out) {
+    if constexpr (BITS == 8) {
+      out[0] = CodeOffset<8>() ? _mm256_xor_si256(v, _mm256_set1_epi8(char(0x80))) : v;
+    } else {
+      constexpr int S = Vectors<BITS>();
+      const __m256i mask = _mm256_set1_epi8(char((1 << BITS) - 1));
+      for (int s = 0; s < S; ++s) out[s] = _mm256_and_si256(_mm256_srli_epi16(v, BITS * s), mask);
     }
   }
 
@@ -107,10 +177,10 @@ struct X86I8 {
   static I DotNarrow(I acc, const I* cv, const I* av) {
     constexpr int S = Vectors<BITS>();
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    for (int s = 0; s < S; ++s) acc = _mm256_dpbusd_epi32(acc, cv[s], av[s]);
+    for (int s = 0; s < S; ++s) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(cv[s]), "v"(av[s]));  // see Dot1
     return acc;
 #elif defined(__AVXVNNI__)
-    for (int s = 0; s < S; ++s) acc = _mm256_dpbusd_avx_epi32(acc, cv[s], av[s]);
+    for (int s = 0; s < S; ++s) __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(cv[s]), "x"(av[s]));
     return acc;
 #else
     if constexpr (BITS == 8) {
@@ -132,15 +202,26 @@ struct X86I8 {
     }
   }
 
+  // The GEMM path's vectors: 64 bytes with AVX512-VNNI, else 32.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  using Gemm = X86GemmZ;
+#else
+  using Gemm = X86GemmY;
+#endif
   // One vector of the GEMM path (int8_gemm.h): acc += codes x activations,
   // int32 lanes on VNNI and for 8 bits, int16 pairs otherwise (at most
-  // NarrowVectors() of them before Widen).
+  // NarrowVectors() of them before GemmWiden).
   template <int BITS>
-  static I Dot1(I acc, I cv, I av) {
+  static Gemm::I Dot1(Gemm::I acc, Gemm::I cv, Gemm::I av) {
+    // VNNI: written as asm because GCC 12 copies the accumulator of the
+    // intrinsics in and out of another register around every dot product
+    // of the GEMM tile's loop (24 extra moves per 12 vpdpbusd, measured).
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(acc, cv, av);
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(cv), "v"(av));
+    return acc;
 #elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(acc, cv, av);
+    __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(cv), "x"(av));
+    return acc;
 #else
     if constexpr (BITS == 8) {
       const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(cv), _mm256_sign_epi8(av, cv));
@@ -153,6 +234,15 @@ struct X86I8 {
   template <int BITS>
   static constexpr int64_t NarrowVectors() {
     return (kVnni || BITS == 8) ? (int64_t(1) << 40) : 32767 / (2 * ((1 << BITS) - 1) * 127);
+  }
+  // The int32 lanes of a Dot1 accumulator.
+  template <int BITS>
+  static Gemm::I GemmWiden(Gemm::I acc) {
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+    return acc;
+#else
+    return BITS == 8 ? acc : _mm256_madd_epi16(acc, _mm256_set1_epi16(1));
+#endif
   }
 
   // Transpose of P vectors seen as P x P elements of 32 / P bytes:

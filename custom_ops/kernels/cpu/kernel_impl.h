@@ -319,8 +319,10 @@ struct GemmShape {
   static constexpr int NR = V::W >= 16 ? 12 : (V::W >= 8 ? 6 : 4);  // columns of W per tile
 };
 
-// acc[i] += wd[i][k] * panel[k][0..MP) for k in [0, kc).
-template <class V>
+// acc[i] = sum over k in [0, kc) of wd[i][k] * panel[k][0..MP). kHalf: the
+// panel's rows W..MP are padding (a last panel of at most W rows, e.g. all of
+// m = 16 on AVX-512): only the first vector is computed, acc[i][1] is zero.
+template <class V, bool kHalf>
 inline void MicroKernel(const float* wd, int64_t ldw, const float* panel, int64_t kc,
                         typename V::F (*acc)[2]) {
   using F = typename V::F;
@@ -331,12 +333,18 @@ inline void MicroKernel(const float* wd, int64_t ldw, const float* panel, int64_
   for (int i = 0; i < NR; ++i) a[i][0] = a[i][1] = V::Zero();
   for (int64_t k = 0; k < kc; ++k) {
     const F x0 = V::Load(panel + k * MP);
-    const F x1 = V::Load(panel + k * MP + V::W);
-    GPTQ_UNROLL
-    for (int i = 0; i < NR; ++i) {
-      const F w = V::Set1(wd[i * ldw + k]);
-      a[i][0] = V::Fma(w, x0, a[i][0]);
-      a[i][1] = V::Fma(w, x1, a[i][1]);
+    if constexpr (kHalf) {
+      GPTQ_UNROLL
+      for (int i = 0; i < NR; ++i) a[i][0] = V::Fma(V::Set1(wd[i * ldw + k]), x0, a[i][0]);
+      continue;
+    } else {
+      const F x1 = V::Load(panel + k * MP + V::W);
+      GPTQ_UNROLL
+      for (int i = 0; i < NR; ++i) {
+        const F w = V::Set1(wd[i * ldw + k]);
+        a[i][0] = V::Fma(w, x0, a[i][0]);
+        a[i][1] = V::Fma(w, x1, a[i][1]);
+      }
     }
   }
   GPTQ_UNROLL
@@ -438,7 +446,12 @@ void GemmTask(void* ctx, size_t task) {
       const int nr = int(MinI(NR, c.N - nbase));
       for (int64_t mp = mp0; mp < mp1; ++mp) {
         F acc[NR][2];
-        MicroKernel<V>(wd, kc, c.act + (mp * c.Kp + p0) * MP, kc, acc);
+        const float* panel = c.act + (mp * c.Kp + p0) * MP;
+        if (c.M - mp * MP <= V::W) {
+          MicroKernel<V, true>(wd, kc, panel, kc, acc);
+        } else {
+          MicroKernel<V, false>(wd, kc, panel, kc, acc);
+        }
         float tile[NR][MP];
         for (int i = 0; i < NR; ++i) {
           V::Store(tile[i], acc[i][0]);
