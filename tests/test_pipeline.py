@@ -94,11 +94,10 @@ def test_report_records_every_setting(tiny_llama_onnx: Path, calib_ids: Path, tm
                        report=tmp_path / "r.json", jobs=1, device="cpu")
     written = json.loads((tmp_path / "r.json").read_text())
     assert QuantConfig.from_dict(written["config"]) == config
-    # The text split is resolved before calibration, so the report says which one ran and why.
-    # So are the calibration mode (auto: sequential, the tiny llama has a cut between its two blocks).
+    # The text split and the mode are resolved before calibration, so the report says which ran and why
+    # (layer 1 and the 4-bit head: two blocks, two stages).
     assert written["calib"] == CALIB.to_dict() | {"split": "windows", "split_reason": "model kind causal-lm (from graph)",
-                                                  "sequential": True,
-                                                  "sequential_reason": "auto: the graph has 1 cut(s) between its blocks"}
+                                                  "sequential": True, "sequential_reason": "auto: the graph cuts into 2 stages"}
     assert written["selection"] == config.layers.to_dict()
     assert written["run"] == {"jobs": 1, "device": "cpu"}
 

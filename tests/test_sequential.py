@@ -311,9 +311,9 @@ def test_auto_calibrates_a_cut_graph_sequentially(tiny_llama_onnx: Path, calib_i
     calib = {"num_samples": 8, "seq_len": 32}
     auto = _quantize(ir.load(tiny_llama_onnx), str(calib_ids), None, **calib)
     assert auto.calib["sequential"] is True
-    assert auto.calib["sequential_reason"] == "auto: the graph has 1 cut(s) between its blocks"
+    assert auto.calib["sequential_reason"] == "auto: the graph cuts into 2 stages"
     assert "sequential:calibrate" in auto.phases
-    assert "calibration: sequential (auto: the graph has 1 cut(s) between its blocks)" in auto.summary().splitlines()
+    assert "calibration: sequential (auto: the graph cuts into 2 stages)" in auto.summary().splitlines()
     on = _quantize(ir.load(tiny_llama_onnx), str(calib_ids), True, **calib)
     assert (on.calib["sequential"], on.calib["sequential_reason"]) == (True, "as asked")
     assert [r.error for r in auto.layers] == [r.error for r in on.layers]
@@ -346,7 +346,7 @@ def test_one_quantized_layer_is_one_pass(tiny_llama_onnx: Path, calib_ids: Path)
     partition, reason = sequential.choose_mode(None, model, groups[:1])
     assert partition is None and reason == "auto: the quantized layers form one stage"
     partition, reason = sequential.choose_mode(None, model, groups)
-    assert partition is not None and len(partition.stages) == 3 and reason.startswith("auto: the graph has 2 cut")
+    assert partition is not None and len(partition.stages) == 3 and reason == "auto: the graph cuts into 3 stages"
 
 
 @pytest.mark.parametrize(("argv", "mode"), [([], None), (["--sequential"], True), (["--sequential", "on"], True),

@@ -175,7 +175,7 @@ def choose_mode(requested: bool | None, model: ir.Model, groups: list[WeightGrou
         return None, f"auto: the graph has no cut between its layers: {exc}"
     if len(partition.stages) < 2:
         return None, "auto: the quantized layers form one stage"
-    return partition, f"auto: the graph has {len(partition.stages) - 1} cut(s) between its blocks"
+    return partition, f"auto: the graph cuts into {len(partition.stages)} stages"
 
 
 # ---------------------------------------------------------------------------
