@@ -240,11 +240,12 @@ def test_gemm_path_block_groups(monkeypatch: pytest.MonkeyPatch, isa: str, bits:
     assert ratio > 1e-3  # the bound is tight enough to catch a misplaced block
 
 
-@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [128, 32])
 @pytest.mark.parametrize("m", [5, 70])
-def test_gemm_path_float16_and_bias(bits: int, m: int) -> None:
-    k = 11 * 128
-    qw = make_weight(10, k, bits, 128, dtype=np.float16, seed=bits)
+def test_gemm_path_float16_and_bias(bits: int, group: int, m: int) -> None:
+    k = 11 * group
+    qw = make_weight(10, k, bits, group, dtype=np.float16, seed=bits)
     x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float16)
     bias = np.random.default_rng(1).standard_normal(10).astype(np.float16)
     y = run_int8(qw, x, bias=bias).astype(np.float64)

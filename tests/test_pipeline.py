@@ -95,7 +95,7 @@ def test_report_records_every_setting(tiny_llama_onnx: Path, calib_ids: Path, tm
     written = json.loads((tmp_path / "r.json").read_text())
     assert QuantConfig.from_dict(written["config"]) == config
     # The text split and the mode are resolved before calibration, so the report says which ran and why
-    # (block 1, then the 4-bit head).
+    # (layer 1 and the 4-bit head: two blocks, two stages).
     assert written["calib"] == CALIB.to_dict() | {"split": "windows", "split_reason": "model kind causal-lm (from graph)",
                                                   "sequential": True, "sequential_reason": "auto: the graph cuts into 2 stages"}
     assert written["selection"] == config.layers.to_dict()
