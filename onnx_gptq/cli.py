@@ -50,7 +50,7 @@ def _bits_or_float(option: str, choices: Sequence[int]):  # noqa: ANN202 - an ar
             return AUTO
         if text.isdigit() and int(text) in choices:
             return int(text)
-        raise argparse.ArgumentTypeError(f"{text!r} is not float or one of {', '.join(map(str, choices))}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, float or one of {', '.join(map(str, choices))}")
 
     parse.__name__ = option
     return parse

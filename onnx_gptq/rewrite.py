@@ -401,6 +401,7 @@ def _float_types() -> tuple[ir.DataType, ...]:
 
 
 def _check_produced(name: str, array: np.ndarray) -> None:
+    """NonFiniteError naming `name` when a tensor this run produced holds NaN or Inf."""
     if not np.isfinite(array).all():
         bad = "NaN" if np.isnan(array).any() else "Inf"
         raise NonFiniteError(f"quantized tensor '{name}' would be written with {bad} values "
