@@ -10,7 +10,13 @@ sentence-transformers does for this model. Printed per row:
 
 * cos: mean cosine between each sentence's quantized and fp32 embedding;
 * top1: fraction of sentences whose quantized embedding is closest (cosine)
-  to its own fp32 embedding among all fp32 embeddings.
+  to its own fp32 embedding among all fp32 embeddings (self-retrieval; it
+  saturates at 1.0 for W4, kept for continuity with the recorded tables);
+* nn1: neighbour agreement, what a search index built AND queried with the
+  quantized model sees: fraction of sentences whose nearest other sentence
+  (itself excluded) is the one fp32 picks;
+* r10: recall@10, the mean share of fp32's 10 nearest other sentences that the
+  quantized model's 10 nearest contain.
 
 Rows are METHOD:gGROUP[:dDAMP][:seq] (METHOD rtn or gptq; seq: sequential
 calibration, else one pass), e.g.
@@ -101,6 +107,41 @@ def fidelity(quantized: np.ndarray, reference: np.ndarray) -> tuple[float, float
     return cos, top1
 
 
+def _neighbours(embeddings: np.ndarray, k: int) -> np.ndarray:
+    """Indices [rows, k] of each row's k most cosine-similar other rows, nearest first (itself excluded)."""
+    similarity = embeddings @ embeddings.T
+    np.fill_diagonal(similarity, -np.inf)
+    return np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+
+
+def neighbour_agreement(quantized: np.ndarray, reference: np.ndarray) -> float:
+    """Fraction of rows whose nearest other row under `quantized` is the one under `reference`.
+
+    Args:
+        quantized: L2-normalised embeddings [rows, hidden] of the quantized model (index and query).
+        reference: the fp32 model's embeddings of the same rows.
+
+    Returns:
+        The agreement in [0, 1].
+    """
+    return float(np.mean(_neighbours(quantized, 1)[:, 0] == _neighbours(reference, 1)[:, 0]))
+
+
+def recall_at_k(quantized: np.ndarray, reference: np.ndarray, k: int = 10) -> float:
+    """Mean share of the reference's k nearest other rows found among the quantized k nearest.
+
+    Args:
+        quantized: L2-normalised embeddings [rows, hidden] of the quantized model.
+        reference: the fp32 model's embeddings of the same rows.
+        k: neighbours compared per row (fewer than rows).
+
+    Returns:
+        The recall in [0, 1].
+    """
+    ours, theirs = _neighbours(quantized, k), _neighbours(reference, k)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ours, theirs)]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("domain", help="calibration text: austen or sotu")
@@ -121,7 +162,7 @@ def main() -> None:
     fp32 = embed(reference, tokenizer_json, sentences)
     print(f"held-out: {len(sentences)} Python-tutorial sentences; calibration: {args.domain}, "
           f"{args.num_samples} samples x <= {SEQ_LEN} tokens; W{args.bits}, accuracy_level {args.accuracy_level}")
-    print(f"{'fp32':18s} cos 1.00000 top1 {fidelity(fp32, fp32)[1]:.4f}", flush=True)
+    print(f"{'fp32':18s} cos 1.00000 top1 {fidelity(fp32, fp32)[1]:.4f} nn1 1.0000 r10 1.0000", flush=True)
     with reuse_hessians():  # GPTQ rows after the first solve on its Hessians
         for row in args.rows.split(","):
             method, group, *rest = row.split(":")
@@ -137,14 +178,16 @@ def main() -> None:
                                  calib=CalibConfig(num_samples=args.num_samples, seq_len=SEQ_LEN, split="samples",
                                                    sequential=sequential))
             seconds = time.perf_counter() - start
-            cos, top1 = fidelity(embed(out, tokenizer_json, sentences), fp32)
+            embedded = embed(out, tokenizer_json, sentences)
+            cos, top1 = fidelity(embedded, fp32)
+            nn1, r10 = neighbour_agreement(embedded, fp32), recall_at_k(embedded, fp32)
             label = f"{method} g{group[1:]}" + (f" d{damp:g}" if method == "gptq" else "") + (" seq" if sequential else "")
-            print(f"{label:18s} cos {cos:.5f} top1 {top1:.4f} quant {seconds:.0f}s", flush=True)
+            print(f"{label:18s} cos {cos:.5f} top1 {top1:.4f} nn1 {nn1:.4f} r10 {r10:.4f} quant {seconds:.0f}s", flush=True)
             if args.json:
                 with open(args.json, "a", encoding="utf-8") as f:
                     f.write(json.dumps(dict(domain=args.domain, bits=args.bits, method=method, group=int(group[1:]),
                                             damp=damp if method == "gptq" else None, sequential=sequential,
-                                            cos=cos, top1=top1,
+                                            cos=cos, top1=top1, nn1=nn1, r10=r10,
                                             n=args.num_samples, seconds=seconds)) + "\n")
 
 
