@@ -10,12 +10,22 @@ decodes greedily, one cached forward per token. Reported: the best repeat's
 first-token latency (prefill + first pick), prefill tokens/s, greedy decode
 tokens/s (tokens after the first over their time), the greedy continuation,
 and the process's peak RSS.
+
+Decode speed on a shared machine drifts by more than the gap between two
+int4 models, so a target comparison is timed side by side instead:
+
+    python bench/genai_speed.py --side-by-side OURS THEIRS --prompt-ids ids.json --pairs 12
+
+loads both folders in one process and alternates their generations in ABBA
+order (so a slow drift hits both alike). Reported: each folder's median decode
+tokens/s and the median, lowest and highest of the per-pair ratio A/B.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -90,15 +100,65 @@ def measure(folder: str | Path, prompt: Sequence[int], new_tokens: int, repeats:
     }
 
 
+def abba_order(pairs: int) -> list[int]:
+    """Which of two models runs at each step of `pairs` pairs: 0 1 1 0 0 1 1 0 ...
+
+    Args:
+        pairs: timed pairs.
+    Returns:
+        2 * `pairs` indices; each pair holds one run of each model.
+    """
+    return [(i // 2 + i) % 2 for i in range(2 * pairs)]  # 0,1 | 1,0 | 0,1 | ...
+
+
+def side_by_side(folders: Sequence[str | Path], prompt: Sequence[int], new_tokens: int,
+                 pairs: int) -> dict[str, Any]:
+    """Greedy decode speed of two folders timed alternately in one process.
+
+    Args:
+        folders: (A, B), each a folder holding genai_config.json.
+        prompt: token ids.
+        new_tokens: tokens per generation (at least 2).
+        pairs: timed pairs (ABBA order after one warm-up each).
+    Returns:
+        decode_tok_s: [median of A, median of B]; ratio_median / ratio_min / ratio_max of the
+        per-pair A/B decode speeds; pairs.
+    """
+    import onnxruntime_genai as og
+
+    if new_tokens < 2 or pairs < 1:
+        raise ValueError(f"new_tokens {new_tokens} must be >= 2 and pairs {pairs} >= 1")
+    models = [og.Model(str(f)) for f in folders]
+    for model in models:
+        one_generation(model, prompt, min(new_tokens, 4))
+    speeds: list[list[float | None]] = [[], []]
+    for which in abba_order(pairs):
+        run = one_generation(models[which], prompt, new_tokens)
+        speeds[which].append((run["generated"] - 1) / run["decode_s"] if run["generated"] > 1 else None)
+    timed = [(a, b) for a, b in zip(*speeds) if a is not None and b is not None]
+    if not timed:
+        raise ValueError("no pair decoded past its first token: the models end the text at once")
+    ratios = [a / b for a, b in timed]
+    return {"decode_tok_s": [statistics.median(s) for s in zip(*timed)], "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "pairs": len(timed)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder")
+    parser.add_argument("folder", nargs="?")
+    parser.add_argument("--side-by-side", nargs=2, metavar=("A", "B"), help="time two folders alternately")
+    parser.add_argument("--pairs", type=int, default=12, help="with --side-by-side: timed pairs")
     parser.add_argument("--prompt-ids", required=True, type=Path, help="JSON list of prompt token ids")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     prompt = json.loads(args.prompt_ids.read_text())
-    emit_result(measure(args.folder, prompt, args.new_tokens, args.repeats))
+    if args.side_by_side:
+        emit_result(side_by_side(args.side_by_side, prompt, args.new_tokens, args.pairs))
+    elif args.folder:
+        emit_result(measure(args.folder, prompt, args.new_tokens, args.repeats))
+    else:
+        parser.error("give a FOLDER or --side-by-side A B")
     return 0
 
 
