@@ -229,6 +229,13 @@ def _child(*args: str) -> dict[str, Any]:
     return run_measured(command, env=python_env(str(REPO))).result(args[0])
 
 
+def _timing_child(what: str, settings: Settings, prompt: Path, *args: str) -> dict[str, Any]:
+    """bench/genai_speed.py's numbers for `args` on `prompt`, run as a measured child."""
+    command = [sys.executable, str(REPO / "bench" / "genai_speed.py"), *args, "--prompt-ids", str(prompt),
+               "--new-tokens", str(settings.new_tokens)]
+    return run_measured(command, env=python_env(str(REPO))).result(what)
+
+
 def _score_child(model: str, reference: str, windows: str) -> dict[str, Any]:
     import numpy as np
 
@@ -254,16 +261,22 @@ def measure_row(row: DeployRow, settings: Settings, work: Path, inputs: dict[str
         speed_file = work / f"{folder.name}.speed-{speed_key}.json"
         if retime:
             speed_file.unlink(missing_ok=True)
-        result |= _cached(speed_file, lambda: run_measured(
-            [sys.executable, str(REPO / "bench" / "genai_speed.py"), str(folder), "--prompt-ids",
-             str(inputs["prompt"]), "--new-tokens", str(settings.new_tokens), "--repeats",
-             str(settings.repeats)], env=python_env(str(REPO))).result(f"timing {row.name}"))
+        result |= _cached(speed_file, lambda: _timing_child(
+            f"timing {row.name}", settings, inputs["prompt"], str(folder), "--repeats", str(settings.repeats)))
     except ChildFailed as exc:  # a row that cannot be produced or run is a result too
         logger.warning("%s failed: %s", row.name, exc)
         result["error"] = exc.reason
     logger.info("%s: %s", row.name, {k: round(v, 3) if isinstance(v, float) else v
                                      for k, v in result.items() if k != "text_ids"})
     return result
+
+
+def target_rows(results: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The target's (onnx-gptq defaults, builder int4) rows; None when either is missing or failed."""
+    by_name = {r["row"]: r for r in results if "error" not in r}
+    if OURS_TARGET not in by_name or BUILDER_TARGET not in by_name:
+        return None
+    return by_name[OURS_TARGET], by_name[BUILDER_TARGET]
 
 
 def time_side_by_side(results: Sequence[dict[str, Any]], settings: Settings, work: Path,
@@ -274,19 +287,17 @@ def time_side_by_side(results: Sequence[dict[str, Any]], settings: Settings, wor
         genai_speed.side_by_side's numbers (A = onnx-gptq defaults, B = builder int4), or
         {"error": ...} when the child failed.
     """
-    by_name = {r["row"]: r for r in results if "error" not in r}
-    if OURS_TARGET not in by_name or BUILDER_TARGET not in by_name:
+    rows = target_rows(results)
+    if rows is None:
         return None
-    folders = [by_name[OURS_TARGET]["folder"], by_name[BUILDER_TARGET]["folder"]]
+    folders = [row["folder"] for row in rows]
     key = cache_key([Path(f).name for f in folders], prompt.read_text(), settings.new_tokens, settings.pairs)
     cached = work / f"side-by-side-{key}.json"
     if retime:
         cached.unlink(missing_ok=True)
     try:
-        return _cached(cached, lambda: run_measured(
-            [sys.executable, str(REPO / "bench" / "genai_speed.py"), "--side-by-side", *folders, "--prompt-ids",
-             str(prompt), "--new-tokens", str(settings.new_tokens), "--pairs", str(settings.pairs)],
-            env=python_env(str(REPO))).result("side-by-side timing"))
+        return _cached(cached, lambda: _timing_child("side-by-side timing", settings, prompt, "--side-by-side",
+                                                     *folders, "--pairs", str(settings.pairs)))
     except ChildFailed as exc:
         logger.warning("side-by-side timing failed: %s", exc)
         return {"error": exc.reason}
@@ -382,10 +393,10 @@ def verdict(results: Sequence[dict[str, Any]], side: dict[str, Any] | None = Non
         results: the rows' numbers.
         side: time_side_by_side's numbers, which decide the decode part when present.
     """
-    by_name = {r["row"]: r for r in results if "error" not in r}
-    ours, theirs = by_name.get(OURS_TARGET), by_name.get(BUILDER_TARGET)
-    if ours is None or theirs is None:
+    rows = target_rows(results)
+    if rows is None:
         return []
+    ours, theirs = rows
     return [Check("perplexity (lower wins)", ours["perplexity"], theirs["perplexity"],
                   ours["perplexity"] < theirs["perplexity"]),
             Check("folder MB (at most)", ours["size_mb"], theirs["size_mb"], ours["size_mb"] <= theirs["size_mb"]),
