@@ -92,49 +92,60 @@ inline const float* RowAsFloat(const Call& c, int64_t m, float* scratch) {
 
 // ------------------------------------------------------------------ dequantization
 
+// A contiguous row: position q of the range goes to row[q].
+template <class V>
+struct RowOut {
+  float* row;
+  void Put(int64_t q, typename V::F v) const { V::Store(row + q, v); }
+  void PutScalar(int64_t q, float x) const { row[q] = x; }
+};
+
 // Writes W[n, k'] = (code - zero) * scale for permuted positions [p0, p1) of
-// row n to out[0 .. p1-p0). p0 and p1 lie on chunk boundaries (block starts,
+// row n to out (position p0 + q through out.Put / out.PutScalar at q). p0 and p1 lie on chunk boundaries (block starts,
 // chunk starts, tail starts). `gscale` / `gzero` hold the row's per-group
 // scale and zero point when g_idx is present.
-template <class V, int BITS>
+template <class V, int BITS, class Out>
 inline void DequantRange(const Call& c, int64_t n, int64_t p0, int64_t p1, const float* gscale, const float* gzero,
-                         float* out) {
+                         const Out& out) {
   using F = typename V::F;
   constexpr int S = (BITS == 3) ? 8 : 8 / BITS;
+  constexpr int64_t C = int64_t(V::W) * S;  // == c.C
+  constexpr int64_t CB = C * BITS / 8;      // == c.CB
   int64_t pos = p0;
-  while (pos < p1) {
-    const int64_t b = pos / c.bs;
-    const int64_t o = pos - b * c.bs;
+  // Block by block (one division per call, not one per chunk).
+  for (int64_t b = p0 / c.bs; pos < p1; ++b) {
+    const int64_t start = b * c.bs;
+    const int64_t end = MinI(start + c.bs, p1);
+    const int64_t full_end = MinI(start + c.nfull * C, end);
     const uint8_t* blob = c.Blob(n, b);
+    const uint8_t* src = pos < full_end ? blob + ((pos - start) / C) * CB : blob;
     float s = 0.0f, z = 0.0f;
     if (!c.gperm) {
       s = c.Scale(n * c.n_groups + b);
       z = c.Zero(n * c.n_groups + b);
     }
-    if (o < c.nfull * c.C) {
+    const F sv = V::Set1(s), zv = V::Set1(z);
+    for (; pos < full_end; pos += C, src += CB) {
       F cv[S];
-      V::template Unpack<BITS>(blob + (o / c.C) * c.CB, cv);
-      float* dst = out + (pos - p0);
+      V::template Unpack<BITS>(src, cv);
+      const int64_t q = pos - p0;
       if (!c.gperm) {
-        const F sv = V::Set1(s), zv = V::Set1(z);
-        for (int i = 0; i < S; ++i) V::Store(dst + i * V::W, V::Mul(V::Sub(cv[i], zv), sv));
+        GPTQ_UNROLL
+        for (int i = 0; i < S; ++i) out.Put(q + i * V::W, V::Mul(V::Sub(cv[i], zv), sv));
       } else {
         for (int i = 0; i < S; ++i) {
           const int32_t* gi = c.gperm + pos + i * V::W;
-          V::Store(dst + i * V::W, V::Mul(V::Sub(cv[i], V::Gather(gzero, gi)), V::Gather(gscale, gi)));
+          out.Put(q + i * V::W, V::Mul(V::Sub(cv[i], V::Gather(gzero, gi)), V::Gather(gscale, gi)));
         }
       }
-      pos += c.C;
-    } else {
-      const int64_t end = MinI((b + 1) * c.bs, p1);
-      for (; pos < end; ++pos) {
-        const float code = float(ExtractCode(blob, c.blob, BITS, pos - b * c.bs));
-        if (!c.gperm) {
-          out[pos - p0] = (code - z) * s;
-        } else {
-          const int32_t g = c.gperm[pos];
-          out[pos - p0] = (code - gzero[g]) * gscale[g];
-        }
+    }
+    for (; pos < end; ++pos) {
+      const float code = float(ExtractCode(blob, c.blob, BITS, pos - start));
+      if (!c.gperm) {
+        out.PutScalar(pos - p0, (code - z) * s);
+      } else {
+        const int32_t g = c.gperm[pos];
+        out.PutScalar(pos - p0, (code - gzero[g]) * gscale[g]);
       }
     }
   }
@@ -278,7 +289,7 @@ void DecodeGidxTask(void* ctx, size_t task) {
   }
   for (int64_t n = n0; n < n1; ++n) {
     RowGroups(c, n, groups, groups + c.n_groups);
-    DequantRange<V, BITS>(c, n, 0, c.Kp, groups, groups + c.n_groups, w);
+    DequantRange<V, BITS>(c, n, 0, c.Kp, groups, groups + c.n_groups, RowOut<V>{w});
     for (int64_t m = 0; m < c.M; ++m) {
       const float* a = c.act + m * c.Kp;
       F acc[4] = {V::Zero(), V::Zero(), V::Zero(), V::Zero()};
@@ -319,32 +330,86 @@ struct GemmShape {
   static constexpr int NR = V::W >= 16 ? 12 : (V::W >= 8 ? 6 : 4);  // columns of W per tile
 };
 
-// acc[i] = sum over k in [0, kc) of wd[i][k] * panel[k][0..MP). kHalf: the
-// panel's rows W..MP are padding (a last panel of at most W rows, e.g. all of
-// m = 16 on AVX-512): only the first vector is computed, acc[i][1] is zero.
+// The dequantized tile of one (tile, k panel) of kc positions, as the
+// micro-kernel reads it: kc / W blocks of [NR][W] (column i's W consecutive
+// positions contiguous, so one pointer with constant offsets serves every
+// broadcast), then the remaining r = kc % W positions as [NR][r]. TileOut
+// writes column i of it for DequantRange.
+template <class V>
+struct TileOut {
+  static constexpr int NR = GemmShape<V>::NR;
+  static constexpr int W = V::W;
+  float* wd;
+  int64_t full;  // positions in whole blocks: kc / W * W
+  int64_t r;     // kc - full
+  int i;         // column within the tile
+  void PutScalar(int64_t q, float x) const {
+    if (q < full) {
+      wd[(q / W * NR + i) * W + q % W] = x;
+    } else {
+      wd[full * NR + i * r + (q - full)] = x;
+    }
+  }
+  void Put(int64_t q, typename V::F v) const {
+    if (q % W == 0 && q + W <= full) {
+      V::Store(wd + (q / W * NR + i) * W, v);
+      return;
+    }
+    // A chunk after a block tail of odd length: off the block grid.
+    float lanes[W];
+    V::Store(lanes, v);
+    for (int l = 0; l < W; ++l) PutScalar(q + l, lanes[l]);
+  }
+};
+
+// acc[i] = sum over k in [0, kc) of wd(i, k) * panel[k][0..MP), wd laid out
+// by TileOut. kHalf: a last panel of at most W rows (e.g. all of m = 16 on
+// AVX-512), packed narrow as [Kp][W] (PanelStride): only the first vector is
+// computed, acc[i][1] is zero.
 template <class V, bool kHalf>
-inline void MicroKernel(const float* wd, int64_t ldw, const float* panel, int64_t kc,
-                        typename V::F (*acc)[2]) {
+inline void MicroKernel(const float* wd, int64_t kc, const float* panel, typename V::F (*acc)[2]) {
   using F = typename V::F;
   constexpr int NR = GemmShape<V>::NR;
   constexpr int MP = GemmShape<V>::MP;
+  constexpr int W = V::W;
+  constexpr int U = W < 4 ? W : 4;  // positions per unrolled step
+  constexpr int P = kHalf ? W : MP;  // panel stride
   F a[NR][2];
   GPTQ_UNROLL
   for (int i = 0; i < NR; ++i) a[i][0] = a[i][1] = V::Zero();
-  for (int64_t k = 0; k < kc; ++k) {
-    const F x0 = V::Load(panel + k * MP);
-    if constexpr (kHalf) {
+  const int64_t nb = kc / W, r = kc - nb * W;
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* wp = wd + b * NR * W;
+    const float* pp = panel + b * W * P;
+    for (int k0 = 0; k0 < W; k0 += U) {
       GPTQ_UNROLL
-      for (int i = 0; i < NR; ++i) a[i][0] = V::Fma(V::Set1(wd[i * ldw + k]), x0, a[i][0]);
-      continue;
-    } else {
-      const F x1 = V::Load(panel + k * MP + V::W);
-      GPTQ_UNROLL
-      for (int i = 0; i < NR; ++i) {
-        const F w = V::Set1(wd[i * ldw + k]);
-        a[i][0] = V::Fma(w, x0, a[i][0]);
-        a[i][1] = V::Fma(w, x1, a[i][1]);
+      for (int kk = k0; kk < k0 + U; ++kk) {
+        const F x0 = V::Load(pp + kk * P);
+        if constexpr (kHalf) {
+          GPTQ_UNROLL
+          for (int i = 0; i < NR; ++i) a[i][0] = V::Fma(V::Set1(wp[i * W + kk]), x0, a[i][0]);
+        } else {
+          const F x1 = V::Load(pp + kk * MP + W);
+          GPTQ_UNROLL
+          for (int i = 0; i < NR; ++i) {
+            const F w = V::Set1(wp[i * W + kk]);
+            a[i][0] = V::Fma(w, x0, a[i][0]);
+            a[i][1] = V::Fma(w, x1, a[i][1]);
+          }
+        }
       }
+    }
+  }
+  const float* wr = wd + nb * NR * W;
+  const float* pr = panel + nb * W * P;
+  for (int64_t k = 0; k < r; ++k) {
+    const F x0 = V::Load(pr + k * P);
+    const F x1 = kHalf ? V::Zero() : V::Load(pr + k * P + W);
+    GPTQ_UNROLL
+    for (int i = 0; i < NR; ++i) {
+      const F w = V::Set1(wr[i * r + k]);
+      a[i][0] = V::Fma(w, x0, a[i][0]);
+      if constexpr (!kHalf) a[i][1] = V::Fma(w, x1, a[i][1]);
     }
   }
   GPTQ_UNROLL
@@ -354,7 +419,14 @@ inline void MicroKernel(const float* wd, int64_t ldw, const float* panel, int64_
   }
 }
 
-// Packs rows [mp*MP, mp*MP+MP) of A into panel mp: [Kp][MP], zero padded.
+// Positions' stride in panel mp: MP, or W for a last panel of at most W rows
+// (MicroKernel's kHalf). Panel mp starts at act + mp * Kp * MP either way.
+template <class V>
+inline int64_t PanelStride(const Call& c, int64_t mp) {
+  return c.M - mp * GemmShape<V>::MP <= V::W ? V::W : GemmShape<V>::MP;
+}
+
+// Packs rows [mp*MP, mp*MP+MP) of A into panel mp: [Kp][PanelStride], zero padded.
 template <class V>
 void PackGemmTask(void* ctx, size_t task) {
   constexpr int MP = GemmShape<V>::MP;
@@ -366,7 +438,8 @@ void PackGemmTask(void* ctx, size_t task) {
   }
   const int64_t mp = int64_t(task);
   float* panel = c.act + mp * c.Kp * MP;
-  for (int64_t i = 0; i < c.Kp * MP; ++i) panel[i] = 0.0f;
+  const int64_t ps = PanelStride<V>(c, mp);
+  for (int64_t i = 0; i < c.Kp * ps; ++i) panel[i] = 0.0f;
   const int64_t rows = MinI(MP, c.M - mp * MP);
   // fp32 rows are scattered straight from A in slabs of columns, so the
   // written part of the panel stays in cache; fp16 rows go through row_buf.
@@ -377,13 +450,13 @@ void PackGemmTask(void* ctx, size_t task) {
       const int64_t k1 = MinI(c.K, k0 + kSlab);
       for (int64_t j = 0; j < rows; ++j) {
         const float* a = A + (mp * MP + j) * c.K;
-        for (int64_t k = k0; k < k1; ++k) panel[int64_t(c.kperm[k]) * MP + j] = a[k];
+        for (int64_t k = k0; k < k1; ++k) panel[int64_t(c.kperm[k]) * ps + j] = a[k];
       }
     }
   } else {
     for (int64_t j = 0; j < rows; ++j) {
       const float* a = RowAsFloat<V>(c, mp * MP + j, row_buf);
-      for (int64_t k = 0; k < c.K; ++k) panel[int64_t(c.kperm[k]) * MP + j] = a[k];
+      for (int64_t k = 0; k < c.K; ++k) panel[int64_t(c.kperm[k]) * ps + j] = a[k];
     }
   }
 }
@@ -416,13 +489,14 @@ void GemmTask(void* ctx, size_t task) {
   for (int64_t kp = 0; kp < c.n_kpanels; ++kp) {
     const int64_t p0 = c.kpanels[kp], p1 = c.kpanels[kp + 1];
     const int64_t kc = p1 - p0;
+    const int64_t full = kc / V::W * V::W;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t nbase = t * NR;
       for (int i = 0; i < NR; ++i) {
-        float* dst = wd + i * kc;
+        const TileOut<V> dst{wd, full, kc - full, i};
         const int64_t n = nbase + i;
         if (n >= c.N) {
-          for (int64_t k = 0; k < kc; ++k) dst[k] = 0.0f;
+          for (int64_t k = 0; k < kc; ++k) dst.PutScalar(k, 0.0f);
           continue;
         }
         float* gs = nullptr;
@@ -446,11 +520,11 @@ void GemmTask(void* ctx, size_t task) {
       const int nr = int(MinI(NR, c.N - nbase));
       for (int64_t mp = mp0; mp < mp1; ++mp) {
         F acc[NR][2];
-        const float* panel = c.act + (mp * c.Kp + p0) * MP;
+        const float* panel = c.act + mp * c.Kp * MP + p0 * PanelStride<V>(c, mp);
         if (c.M - mp * MP <= V::W) {
-          MicroKernel<V, true>(wd, kc, panel, kc, acc);
+          MicroKernel<V, true>(wd, kc, panel, acc);
         } else {
-          MicroKernel<V, false>(wd, kc, panel, kc, acc);
+          MicroKernel<V, false>(wd, kc, panel, acc);
         }
         float tile[NR][MP];
         for (int i = 0; i < NR; ++i) {
