@@ -34,14 +34,39 @@ struct Avx2V {
   static F Set1(float x) { return _mm256_set1_ps(x); }
   static F Load(const float* p) { return _mm256_loadu_ps(p); }
   static void Store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  // The first n (1..8) lanes; the others read as zero / are not written.
+  static __m256i FirstLanes(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static F LoadFirst(const float* p, int n) { return _mm256_maskload_ps(p, FirstLanes(n)); }
+  static void StoreFirst(float* p, F v, int n) { _mm256_maskstore_ps(p, FirstLanes(n), v); }
   static F Fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F Sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F Add(F a, F b) { return _mm256_add_ps(a, b); }
   static float Hsum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+  }
+  // Transposes the 8 x 8 matrix whose rows are r[0..8), in place.
+  static void Transpose(F* r) {
+    F a[8], b[8];
+    for (int i = 0; i < 4; ++i) {  // pairs of rows, interleaved within 128-bit lanes
+      a[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      a[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {  // b[4i + j], 128-bit lane L: rows 4i..4i+3 of column 4L + j
+      const __m256d a0 = _mm256_castps_pd(a[4 * i]), a1 = _mm256_castps_pd(a[4 * i + 1]);
+      const __m256d a2 = _mm256_castps_pd(a[4 * i + 2]), a3 = _mm256_castps_pd(a[4 * i + 3]);
+      b[4 * i] = _mm256_castpd_ps(_mm256_unpacklo_pd(a0, a2));
+      b[4 * i + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(a0, a2));
+      b[4 * i + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(a1, a3));
+      b[4 * i + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(a1, a3));
+    }
+    for (int j = 0; j < 4; ++j) {
+      r[j] = _mm256_permute2f128_ps(b[j], b[4 + j], 0x20);
+      r[4 + j] = _mm256_permute2f128_ps(b[j], b[4 + j], 0x31);
+    }
   }
   static F Gather(const float* base, const int32_t* idx) {
     return _mm256_i32gather_ps(base, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), 4);

@@ -21,10 +21,41 @@ struct Avx512V {
   static F Set1(float x) { return _mm512_set1_ps(x); }
   static F Load(const float* p) { return _mm512_loadu_ps(p); }
   static void Store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  // The first n (1..16) lanes; the others read as zero / are not written.
+  static F LoadFirst(const float* p, int n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1u), p); }
+  static void StoreFirst(float* p, F v, int n) { _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1u), v); }
   static F Fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F Sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F Add(F a, F b) { return _mm512_add_ps(a, b); }
   static float Hsum(F v) { return _mm512_reduce_add_ps(v); }
+
+  // Transposes the 16 x 16 matrix whose rows are r[0..16), in place.
+  static void Transpose(F* r) {
+    F a[16], b[16];
+    for (int i = 0; i < 8; ++i) {  // pairs of rows, interleaved within 128-bit lanes
+      a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {  // b[4i + j], 128-bit lane L: rows 4i..4i+3 of column 4L + j
+      const __m512d a0 = _mm512_castps_pd(a[4 * i]), a1 = _mm512_castps_pd(a[4 * i + 1]);
+      const __m512d a2 = _mm512_castps_pd(a[4 * i + 2]), a3 = _mm512_castps_pd(a[4 * i + 3]);
+      b[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a0, a2));
+      b[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a0, a2));
+      b[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(a1, a3));
+      b[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(a1, a3));
+    }
+    for (int j = 0; j < 4; ++j) {  // gather lane L of b[j], b[4+j], b[8+j], b[12+j] into column 4L + j
+      const F d0 = _mm512_shuffle_f32x4(b[j], b[4 + j], _MM_SHUFFLE(2, 0, 2, 0));
+      const F d1 = _mm512_shuffle_f32x4(b[j], b[4 + j], _MM_SHUFFLE(3, 1, 3, 1));
+      const F e0 = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], _MM_SHUFFLE(2, 0, 2, 0));
+      const F e1 = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], _MM_SHUFFLE(3, 1, 3, 1));
+      r[j] = _mm512_shuffle_f32x4(d0, e0, _MM_SHUFFLE(2, 0, 2, 0));
+      r[8 + j] = _mm512_shuffle_f32x4(d0, e0, _MM_SHUFFLE(3, 1, 3, 1));
+      r[4 + j] = _mm512_shuffle_f32x4(d1, e1, _MM_SHUFFLE(2, 0, 2, 0));
+      r[12 + j] = _mm512_shuffle_f32x4(d1, e1, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+  }
   static F Gather(const float* base, const int32_t* idx) {
     return _mm512_i32gather_ps(_mm512_loadu_si512(idx), base, 4);
   }

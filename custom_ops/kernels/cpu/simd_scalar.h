@@ -18,10 +18,14 @@ struct ScalarV {
   static F Set1(float x) { return x; }
   static F Load(const float* p) { return *p; }
   static void Store(float* p, F v) { *p = v; }
+  static F LoadFirst(const float* p, int) { return *p; }  // n is always 1
+  static void StoreFirst(float* p, F v, int) { *p = v; }
   static F Fma(F a, F b, F c) { return a * b + c; }
   static F Sub(F a, F b) { return a - b; }
   static F Mul(F a, F b) { return a * b; }
+  static F Add(F a, F b) { return a + b; }
   static float Hsum(F v) { return v; }
+  static void Transpose(F*) {}  // a 1 x 1 matrix
   static F Gather(const float* base, const int32_t* idx) { return base[idx[0]]; }
 
   // Unpacks one chunk of W*S codes (see kernel_impl.h) into S vectors:
