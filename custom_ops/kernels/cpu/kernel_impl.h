@@ -32,7 +32,10 @@
 //   like the reference dequantization, then a register-blocked
 //   micro-kernel computes that tile of Y^T = W A^T against A packed in panels
 //   of MP = 2W rows (so the dequantized rows are read as broadcast scalars and
-//   never need transposing).
+//   never need transposing). The tile is written block-interleaved (TileOut:
+//   W positions of each column contiguous, so every broadcast comes from one
+//   pointer at a constant offset), and the accumulators, columns of Y^T, reach
+//   Y through W x W register transposes (StoreTile).
 
 #include "kernel_common.h"
 
