@@ -186,3 +186,30 @@ def test_cli_auto_verbose_logs_the_choice_and_reports_it(tiny_gpt2_onnx, calib_i
     assert len(logged) == len(layers) == 9
     assert all(f"damp {r['damp']:g} chosen" in line for r, line in zip(layers, logged))
     assert np.isfinite(run(ir.load(out), FEEDS)).all()
+
+
+def test_held_out_slice_of_padded_batches_keeps_padding_out(tmp_path_factory) -> None:
+    """An encoder's padded batches of 2: the held-out batch (index 3: samples 6 and 7) gives the
+    statistics of those two samples run alone, unpadded, and counts only their real tokens."""
+    from tests import tiny_models
+    from tests.test_calib_samples import SENTENCES
+
+    folder = tmp_path_factory.mktemp("bert_damp")
+    model = tiny_models.export_bert(tiny_models.build_bert(), folder / "model.onnx")
+    tok = tiny_models.wordpiece_tokenizer(folder / "tokenizer.json")
+    sentences = [*SENTENCES, "a dog"]
+    proto = onnx.load(model, load_external_data=False)
+    weights = {t.name for t in proto.graph.initializer}
+    names = sorted({n.input[0] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights})
+    batches = calibrate.make_batches(sentences, proto, CalibConfig(num_samples=8, seq_len=16, batch_size=2),
+                                     tokenizer=tok, model_dir=folder)
+    assert len(batches) == 4 and not batches[3]["attention_mask"].all()
+    alone = calibrate.make_batches(sentences[6:], proto, CalibConfig(num_samples=2, seq_len=16, batch_size=1),
+                                   tokenizer=tok)
+    stats = calibrate.collect_hessians(proto, names, batches, model_dir=folder, hold_out=True)
+    reference = calibrate.collect_hessians(proto, names, alone, model_dir=folder)
+    tokens = sum(min(len(s.split()) + 2, 16) for s in sentences[6:])
+    for name in names:
+        assert stats[name].held_rows == reference[name].rows == tokens
+        scale = np.abs(reference[name].xtx).max()
+        np.testing.assert_allclose(stats[name].held_xtx, reference[name].xtx, rtol=0, atol=2e-6 * scale)
