@@ -20,6 +20,14 @@ namespace GPTQ_ISA_NS {
 // interleaved 32-byte layout either one 32-byte step at a time (Y) or two at
 // once (Z, AVX-512: lane d of a 64-byte vector belongs to the block of lane
 // d % 8 of a 32-byte one, so the per-lane scales repeat in both halves).
+// y[0..3] = {sum of a's lanes, b's, c's, d's} (+ bias[0..3] unless nullptr).
+inline void StoreSums4Y(float* y, __m256 a, __m256 b, __m256 c, __m256 d, const float* bias) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  if (bias) v = _mm_add_ps(v, _mm_loadu_ps(bias));
+  _mm_storeu_ps(y, v);
+}
+
 struct X86GemmY {
   static constexpr int kStep = 32;
   using I = __m256i;
@@ -35,6 +43,22 @@ struct X86GemmY {
   static F Fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
   static F FromLanes(__m256 v) { return v; }
   static float Hsum(F v) { return Avx2V::Hsum(v); }
+  // Vector s of a loaded chunk of 2/4/8-bit codes, each byte unpacked on its
+  // own: byte L holds code L * (8 / BITS) + s (int8_gemv.h).
+  template <int BITS>
+  static I UnpackByte(I v, int s) {
+    if constexpr (BITS == 8) {
+      return v;
+    } else {
+      return _mm256_and_si256(_mm256_srli_epi16(v, BITS * s), _mm256_set1_epi8(char((1 << BITS) - 1)));
+    }
+  }
+  static void Prefetch(const void* p) { __builtin_prefetch(p); }
+  static I FlipTopBit(I v) { return _mm256_xor_si256(v, _mm256_set1_epi8(char(0x80))); }
+  // v plus x in int32 lane 0.
+  static I AddLane0(I v, int32_t x) { return _mm256_add_epi32(v, _mm256_zextsi128_si256(_mm_cvtsi32_si128(x))); }
+  // y[0..3] = the lane sums of a, b, c, d (+ bias[0..3] unless nullptr).
+  static void StoreSums4(float* y, F a, F b, F c, F d, const float* bias) { StoreSums4Y(y, a, b, c, d, bias); }
 };
 
 #if defined(__AVX512F__)
@@ -57,6 +81,23 @@ struct X86GemmZ {
     return _mm512_shuffle_f32x4(w, w, 0x44);  // 128-bit lanes 0, 1, 0, 1
   }
   static float Hsum(F v) { return _mm512_reduce_add_ps(v); }
+  template <int BITS>
+  static I UnpackByte(I v, int s) {
+    if constexpr (BITS == 8) {
+      return v;
+    } else {
+      return _mm512_and_si512(_mm512_srli_epi16(v, BITS * s), _mm512_set1_epi8(char((1 << BITS) - 1)));
+    }
+  }
+  static void Prefetch(const void* p) { __builtin_prefetch(p); }
+  static I FlipTopBit(I v) { return _mm512_xor_si512(v, _mm512_set1_epi8(char(0x80))); }
+  static I AddLane0(I v, int32_t x) { return _mm512_add_epi32(v, _mm512_zextsi128_si512(_mm_cvtsi32_si128(x))); }
+  static void StoreSums4(float* y, F a, F b, F c, F d, const float* bias) {
+    const auto fold = [](__m512 v) {
+      return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    };
+    StoreSums4Y(y, fold(a), fold(b), fold(c), fold(d), bias);
+  }
 };
 #endif
 
@@ -230,6 +271,16 @@ struct X86I8 {
       return _mm256_add_epi16(acc, _mm256_maddubs_epi16(cv, av));
     }
 #endif
+  }
+  // Vector s of a GEMV chunk (int8_gemv.h): Gemm::UnpackByte, plus the
+  // 8-bit code offset of the AVX2 build (whose Gemm vectors are 32 bytes).
+  template <int BITS>
+  static Gemm::I GemvCodes(Gemm::I raw, int s) {
+    if constexpr (CodeOffset<BITS>() != 0) {
+      return Gemm::FlipTopBit(raw);
+    } else {
+      return Gemm::template UnpackByte<BITS>(raw, s);
+    }
   }
   template <int BITS>
   static constexpr int64_t NarrowVectors() {
