@@ -14,8 +14,17 @@
 // converted and scaled by one FMA, the zero points entering the integer dot
 // product (GemvTile).
 
-// Bytes of B in one chunk of Tile's layout (2/4/8 bits).
-constexpr int64_t kGemvChunkBytes = 32;
+// Geometry of a wide chunk for BITS: bytes of B in one chunk of Tile's
+// layout (24 at 3 bits, else 32), bytes of B per wide chunk (3 bits: 48 with
+// 64-byte vectors, 24 with 32-byte ones), vectors of codes it unpacks to, and
+// its codes.
+template <class V8, int BITS>
+struct GemvGeometry {
+  static constexpr int64_t kChunkBytes = BITS == 3 ? 24 : 32;
+  static constexpr int64_t kWideBytes = BITS == 3 ? V8::Gemm::kStep * 3 / 4 : V8::Gemm::kStep;
+  static constexpr int S = BITS == 3 ? 2 : 8 / BITS;
+  static constexpr int64_t kCodes = V8::Gemm::kStep * S;
+};
 
 // Columns per register tile for R rows: 32 vector registers on AVX-512 hold
 // R x NB int32 and fp32 accumulators plus NB loaded vectors, 16 on AVX2.
@@ -28,29 +37,30 @@ constexpr int GemvCols() {
 // gemv_unit and Ka.
 template <class V8, int BITS>
 inline bool UseGemv(Call& c) {
-  if constexpr (BITS == 3) {
-    return false;
-  } else {
-    constexpr int64_t WB = V8::Gemm::kStep, S = 8 / BITS, CW = WB * S;
-    if (c.qstart || c.n_units == 0 || c.bpc != 1) return false;
-    // Without VNNI a block's dot product accumulates in int16 pairs.
-    if (CeilDiv(c.cpb * kGemvChunkBytes, WB) * S > V8::template NarrowVectors<BITS>()) return false;
-    c.gemv = true;
-    c.gemv_unit = CeilDiv(c.cpb * kGemvChunkBytes, WB) * CW;
-    c.Ka = MaxI(c.K, (c.n_blocks - 1) * c.gemv_unit + CeilDiv(c.last_cpb * kGemvChunkBytes, WB) * CW);
-    return true;
-  }
+  using Geo = GemvGeometry<V8, BITS>;
+  if (c.qstart || c.n_units == 0 || c.bpc != 1) return false;
+  const int64_t wide = CeilDiv(c.cpb * Geo::kChunkBytes, Geo::kWideBytes);
+  // Without VNNI a block's dot product accumulates in int16 pairs.
+  if (wide * Geo::S > V8::template NarrowVectors<BITS>()) return false;
+  c.gemv = true;
+  c.gemv_unit = wide * Geo::kCodes;
+  c.Ka = MaxI(c.K, (c.n_blocks - 1) * c.gemv_unit + CeilDiv(c.last_cpb * Geo::kChunkBytes, Geo::kWideBytes) * Geo::kCodes);
+  return true;
 }
 
 // kp[k] = position of natural column k in the GEMV activation rows.
 template <class V8, int BITS>
 inline void GemvPositions(const Call& c, int32_t* kp) {
-  constexpr int64_t WB = V8::Gemm::kStep, S = BITS == 3 ? 1 : 8 / BITS, CW = WB * S;
+  using Geo = GemvGeometry<V8, BITS>;
+  constexpr int64_t WB = V8::Gemm::kStep, CW = Geo::kCodes;
   for (int64_t b = 0; b < c.n_blocks; ++b) {
     const int64_t k0 = b * c.bs, len = MinI(c.bs, c.K - k0), base = b * c.gemv_unit;
     for (int64_t q = 0; q < len; ++q) {
       const int64_t w = q / CW, r = q - w * CW;
-      kp[k0 + q] = int32_t(base + w * CW + (r % S) * WB + r / S);
+      // 3 bits: code 8j + 4s + i at byte 4j + i of vector s (Unpack3); else
+      // code L * S + s at byte L of vector s.
+      const int64_t in_chunk = BITS == 3 ? (r % 8 / 4) * WB + r / 8 * 4 + r % 4 : (r % Geo::S) * WB + r / Geo::S;
+      kp[k0 + q] = int32_t(base + w * CW + in_chunk);
     }
   }
 }
@@ -63,8 +73,9 @@ inline void GemvTile(const Call& c, int64_t r0, int64_t n0, const float* sc, int
   using G = typename V8::Gemm;
   using I = typename G::I;
   using F = typename G::F;
-  constexpr int S = 8 / BITS;
-  constexpr int64_t WB = G::kStep, CW = WB * S;
+  using Geo = GemvGeometry<V8, BITS>;
+  constexpr int S = Geo::S;
+  constexpr int64_t WB = G::kStep, CW = Geo::kCodes, WBB = Geo::kWideBytes;
   constexpr int32_t kOffset = V8::template CodeOffset<BITS>();
   const int8_t* act[R];
   const float* sa[R];
@@ -91,22 +102,27 @@ inline void GemvTile(const Call& c, int64_t r0, int64_t n0, const float* sc, int
     GPTQ_UNROLL
     for (int j = 0; j < NB; ++j) facc[r][j] = G::Zero();
   for (int64_t b = 0; b < c.n_blocks; ++b) {
-    const int64_t bytes = (b + 1 == c.n_blocks ? c.last_cpb : c.cpb) * kGemvChunkBytes;
+    const int64_t bytes = (b + 1 == c.n_blocks ? c.last_cpb : c.cpb) * Geo::kChunkBytes;
     const int64_t boff = b * c.blob;
     I acc[R][NB];
     GPTQ_UNROLL
     for (int r = 0; r < R; ++r)
       GPTQ_UNROLL
       for (int j = 0; j < NB; ++j) acc[r][j] = I();
-    for (int64_t off = 0; off < bytes; off += WB) {
-      const auto mask = G::Mask(bytes - off);
-      I raw[NB];
+    for (int64_t off = 0, apos = b * c.gemv_unit; off < bytes; off += WBB, apos += CW) {
+      // A last half chunk (64-byte vectors): the first 32 bytes of every vector.
+      const bool half = bytes - off < WBB;
+      const auto mask = G::Mask(half ? WB / 2 : WB);
+      I raw[NB][BITS == 3 ? 2 : 1];
       GPTQ_UNROLL
       for (int j = 0; j < NB; ++j) {
-        raw[j] = G::Load(col[j] + boff + off, mask);
+        if constexpr (BITS == 3) {
+          G::Unpack3(col[j] + boff + off, half, raw[j]);
+        } else {
+          raw[j][0] = G::Load(col[j] + boff + off, mask);
+        }
         G::Prefetch(col[j] + boff + off + ahead);
       }
-      const int64_t apos = b * c.gemv_unit + off / WB * CW;
       GPTQ_UNROLL
       for (int s = 0; s < S; ++s) {
         I av[R];
@@ -114,7 +130,12 @@ inline void GemvTile(const Call& c, int64_t r0, int64_t n0, const float* sc, int
         for (int r = 0; r < R; ++r) av[r] = G::Load(act[r] + apos + s * WB, mask);
         GPTQ_UNROLL
         for (int j = 0; j < NB; ++j) {
-          const I u = V8::template GemvCodes<BITS>(raw[j], s);
+          I u;
+          if constexpr (BITS == 3) {
+            u = raw[j][s];
+          } else {
+            u = V8::template GemvCodes<BITS>(raw[j][0], s);
+          }
           GPTQ_UNROLL
           for (int r = 0; r < R; ++r) acc[r][j] = V8::template Dot1<BITS>(acc[r][j], u, av[r]);
         }
@@ -169,7 +190,7 @@ inline void GemvColumns(const Call& c, int64_t r0, int64_t n0, int64_t n1, float
 template <class V8, int BITS>
 void GemvTask(void* ctx, size_t task) {
   Call& c = *static_cast<Call*>(ctx);
-  if constexpr (BITS != 3) {
+  {
     // fp16 scales of a tile, converted (fp32 ones are read in place).
     float* sc16 = nullptr;
     if (c.scales_f16) {

@@ -425,8 +425,20 @@ constexpr int64_t kInt8DirectRows = 3;
 
 #include "int8_gemm.h"
 
-// Largest M served by the GEMV path (int8_gemv.h) where it applies.
-constexpr int64_t kInt8GemvRows = 3;
+// Largest M served by the GEMV path (int8_gemv.h) where it applies: it reads
+// B once per 4 rows, the GEMM path once per 64 but with 4-row register tiles,
+// so m = 5, 6 cost the GEMM path two tiles. Measured (4-bit g128, one thread,
+// warm kernel): at m = 4 GEMV 74 / 276 / 1074 us against GEMM 94 / 276 / 1095
+// on 576x1536 / 2048x2048 / 4096x4096; at m = 6 GEMV wins only on 576x1536
+// (115 against 145 us), whose packed weight stays in L2 across the passes.
+constexpr int64_t kInt8GemvRows = 4;
+constexpr int64_t kInt8GemvRowsL2 = 6;
+constexpr int64_t kInt8GemvL2Bytes = int64_t(1) << 20;
+
+// The GEMV path's row limit for this weight.
+inline int64_t GemvRowLimit(const Call& c) {
+  return c.N * c.n_blocks * c.blob <= kInt8GemvL2Bytes ? kInt8GemvRowsL2 : kInt8GemvRows;
+}
 
 #include "int8_gemv.h"
 
@@ -527,7 +539,7 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
   if (!p.g_idx) {
     PlanUnits<V8, BITS>(c);
     if constexpr (V8::kSimd) {
-      use_gemv = c.M <= kInt8GemvRows && UseGemv<V8, BITS>(c);
+      use_gemv = c.M <= GemvRowLimit(c) && UseGemv<V8, BITS>(c);
       use_gemm = !use_gemv && UseGemm<V8, BITS>(c);
       if (use_gemm) {
         c.Ka = c.n_blocks * c.bs;
