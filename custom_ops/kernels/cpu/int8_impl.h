@@ -32,7 +32,10 @@
 //
 // Paths
 // -----
-// * M <= kInt8DirectRows: per tile of columns, unpack codes straight from B.
+// * M <= GemvRowLimit (4, or 6 for packed weights up to 1 MiB), blocks of
+//   whole chunks: int8_gemv.h, codes straight from B in the GEMM path's
+//   vectors, zero points inside the integer dot products.
+// * Other M <= kInt8DirectRows: per tile of columns, unpack codes straight from B.
 // * Larger M: tasks own a range of columns and a block of rows; each unpacks
 //   a tile of columns once into scratch and reuses it for every row of its
 //   block (so unpacking is amortised and the activations stay in L2).
