@@ -166,7 +166,7 @@ def main() -> None:
     with reuse_hessians():  # GPTQ rows after the first solve on its Hessians
         for row in args.rows.split(","):
             method, group, *rest = row.split(":")
-            damps = [float(r[1:]) for r in rest if r.startswith("d")]
+            damps = ["auto" if r == "dauto" else float(r[1:]) for r in rest if r.startswith("d")]
             damp = damps[0] if damps else QuantConfig().damp
             sequential = "seq" in rest
             config = QuantConfig(bits=args.bits, group_size=int(group[1:]), algo=method, damp=damp,
@@ -174,21 +174,33 @@ def main() -> None:
                                  embedding_bits=None)  # the body only, as recorded
             out = work / f"q_{args.domain}_{args.bits}_{row.replace(':', '_')}.onnx"
             start = time.perf_counter()
-            quantize_with_report(reference, str(calib), config, output=out, tokenizer=tokenizer_json,
+            _, report = quantize_with_report(reference, str(calib), config, output=out, tokenizer=tokenizer_json,
                                  calib=CalibConfig(num_samples=args.num_samples, seq_len=SEQ_LEN, split="samples",
                                                    sequential=sequential))
             seconds = time.perf_counter() - start
             embedded = embed(out, tokenizer_json, sentences)
             cos, top1 = fidelity(embedded, fp32)
             nn1, r10 = neighbour_agreement(embedded, fp32), recall_at_k(embedded, fp32)
-            label = f"{method} g{group[1:]}" + (f" d{damp:g}" if method == "gptq" else "") + (" seq" if sequential else "")
-            print(f"{label:18s} cos {cos:.5f} top1 {top1:.4f} nn1 {nn1:.4f} r10 {r10:.4f} quant {seconds:.0f}s", flush=True)
+            label = f"{method} g{group[1:]}" + (f" d{damp}" if method == "gptq" else "") + (" seq" if sequential else "")
+            print(f"{label:18s} cos {cos:.5f} top1 {top1:.4f} nn1 {nn1:.4f} r10 {r10:.4f} quant {seconds:.0f}s "
+                  f"(solve {report.phases.get('solve', 0.0):.0f}s){_damps_chosen(report)}", flush=True)
             if args.json:
                 with open(args.json, "a", encoding="utf-8") as f:
                     f.write(json.dumps(dict(domain=args.domain, bits=args.bits, method=method, group=int(group[1:]),
                                             damp=damp if method == "gptq" else None, sequential=sequential,
                                             cos=cos, top1=top1, nn1=nn1, r10=r10,
+                                            damps=[r.damp for r in report.layers],
                                             n=args.num_samples, seconds=seconds)) + "\n")
+
+
+def _damps_chosen(report) -> str:  # noqa: ANN001
+    """With damp auto: how many layers took each damping ('' otherwise)."""
+    if not report.layers or report.layers[0].damp_held_errors is None:
+        return ""
+    counts: dict[float, int] = {}
+    for row in report.layers:
+        counts[row.damp] = counts.get(row.damp, 0) + 1
+    return " damps " + " ".join(f"{d:g}x{c}" for d, c in sorted(counts.items()))
 
 
 if __name__ == "__main__":

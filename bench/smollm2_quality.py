@@ -2,7 +2,7 @@
 
 Each row is BITS:FLAGS with flags joined by '+': rtn, gptq, act (act-order is the
 default since this measurement; 'gptq' means without act-order here), sym, mse, seq
-(--sequential; rows without it are one-pass), dN (damp N, e.g. d0.05), own (quantize in a child
+(--sequential; rows without it are one-pass), dN (damp N, e.g. d0.05; dauto: per layer by held-out error), own (quantize in a child
 process through the CLI, and print its wall time and peak RSS; no Hessians shared). Calibration: 128 windows of 512 tokens from State of the Union
 addresses before 2000; evaluation: perplexity, KL and top-1 against fp32 on 16
 windows of 512 tokens from 2000 on.
@@ -72,18 +72,22 @@ with reuse_hessians():
             kw["sym"] = True
         if "mse" in flags:
             kw["mse"] = True
-        kw.update(("damp", float(f[1:])) for f in flags if f.startswith("d"))
+        kw.update(("damp", "auto" if f == "dauto" else float(f[1:])) for f in flags if f.startswith("d"))
         out = work / f"q_{domain}_{row.replace(':', '_').replace('+', '_')}.onnx"
         sequential = "seq" in flags
-        rss = ""
+        rss, solve = "", ""
         if "own" in flags:
             qt, peak = quantize_in_child(kw, n, sequential, out)
             rss = f" peak RSS {peak:.0f} MB"
         else:
             t = time.time()
-            quantize_with_report(ref, calib, QuantConfig(**kw), calib=CalibConfig(num_samples=n, seq_len=512,
-                                 sequential=sequential), tokenizer=tok, output=out)
+            _, report = quantize_with_report(ref, calib, QuantConfig(**kw), calib=CalibConfig(
+                num_samples=n, seq_len=512, sequential=sequential), tokenizer=tok, output=out)
             qt = time.time() - t
+            solve = f" (solve {report.phases.get('solve', report.phases.get('sequential:solve', 0.0)):.0f}s)"
+            if report.layers and report.layers[0].damp_held_errors is not None:
+                chosen = [r.damp for r in report.layers]
+                solve += " damps " + " ".join(f"{d:g}x{chosen.count(d)}" for d in sorted(set(chosen)))
         r = evaluate(out, ev, tok, reference=ref, seq_len=512, max_windows=windows)
         print(f"{row:14s} {domain} n={n} ppl {r.perplexity:.2f} (+{r.perplexity - fp32.perplexity:.2f}) kl {r.kl:.4f} "
-              f"top1 {r.top1:.3f} quant {qt:.0f}s{rss}", flush=True)
+              f"top1 {r.top1:.3f} quant {qt:.0f}s{solve}{rss}", flush=True)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from onnx_gptq import calibrate
+from onnx_gptq.calibrate.statistics import HessianStats
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def reuse_hessians() -> Iterator[dict[tuple[str, ...], Any]]:
     """Within the block, repeated one-pass calibrations on the same data reuse their statistics.
 
     Yields:
-        The memo: (activations..., feeds digest) -> {activation: HessianStats}.
+        The memo: (activations..., feeds digest) -> (held-out sums kept, {activation: HessianStats}).
     """
     original = calibrate.collect_hessians
     memo: dict[tuple[str, ...], Any] = {}
@@ -48,11 +49,16 @@ def reuse_hessians() -> Iterator[dict[tuple[str, ...], Any]]:
     def memoized(model: Any, activations: Any, batches: Any, **kwargs: Any) -> Any:
         batches = list(batches)
         key = (*activations, _feeds_digest(batches))
-        if key not in memo:
-            memo[key] = original(model, activations, batches, **kwargs)
+        hold_out = bool(kwargs.get("hold_out"))
+        if key not in memo or (hold_out and not memo[key][0]):  # damp "auto" needs the held-out sums too
+            memo[key] = (hold_out, original(model, activations, batches, **kwargs))
         else:
             logger.info("reusing the Hessians of %d activations from an earlier row", len(activations))
-        return dict(memo[key])
+        stats = memo[key][1]
+        if hold_out:
+            return dict(stats)
+        # Held-out sums do not change the totals (the same sums either way): drop them for a fixed damp.
+        return {name: HessianStats(s.xtx, s.rows) for name, s in stats.items()}
 
     calibrate.collect_hessians = memoized
     try:

@@ -56,6 +56,14 @@ def _bits_or_float(option: str, choices: Sequence[int]):  # noqa: ANN202 - an ar
     return parse
 
 
+def _number_or_word(text: str) -> float | str:
+    """An argparse type: a number, else the word itself (the config names what it accepts)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnx-gptq",
@@ -118,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="quantize columns left to right, as GPTQ without desc_act")
     quant.add_argument("--dynamic-groups", action="store_true", default=not QUANT.static_groups,
                        help="with --act-order: groups formed in activation order (writes g_idx; custom format)")
-    quant.add_argument("--damp", type=float, default=QUANT.damp,
-                       help=f"damping, fraction of mean diag(H) (default {QUANT.damp})")
+    quant.add_argument("--damp", type=_number_or_word, default=QUANT.damp, metavar="FRACTION|auto",
+                       help=f"damping, fraction of mean diag(H) (default {QUANT.damp}); auto: per layer, the "
+                            "value of 0.01, 0.02, 0.05, 0.1 with the lowest error on a held-out quarter of the "
+                            "calibration batches (5 solves per layer)")
     quant.add_argument("--blocksize", type=int, default=QUANT.blocksize,
                        help=f"solver lazy-batch block (default {QUANT.blocksize})")
     quant.add_argument("--mse", action="store_true", default=QUANT.mse, help="search the clipping range per group")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import numbers
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -83,7 +84,10 @@ class QuantConfig:
         static_groups: with act_order, fix every group's grid before solving so
             groups stay contiguous in the original column order (no g_idx needed).
             False gives the reference's dynamic groups and a g_idx (custom format).
-        damp: damping added to diag(H), as a fraction of mean(diag(H)).
+        damp: damping added to diag(H), as a fraction of mean(diag(H)); or "auto": per layer,
+            the candidate of `damp_search.CANDIDATES` whose solve on the fit slice of the
+            calibration batches has the lowest error on the held-out slice (every
+            `statistics.HOLD_OUT_EVERY`-th batch), then one solve on all of them with it.
         blocksize: columns per lazy-batch update in the solver.
         mse: search a shrunk clipping range per group, minimising the diag(H)-weighted
             |error|^2.4 (the reference's norm).
@@ -122,7 +126,7 @@ class QuantConfig:
     sym: bool = False
     act_order: bool = True
     static_groups: bool = True
-    damp: float = 0.01
+    damp: float | str = 0.01
     blocksize: int = 128
     mse: bool = False
     algo: Algo = Algo.GPTQ
@@ -149,8 +153,7 @@ class QuantConfig:
             raise ConfigError(f"bits: {self.bits} is not supported (choose one of 2, 3, 4, 8)")
         if self.group_size != -1 and self.group_size < 1:
             raise ConfigError(f"group_size: {self.group_size} must be -1 (per channel) or positive")
-        if not 0.0 <= self.damp < 1.0:
-            raise ConfigError(f"damp: {self.damp} must be in [0, 1)")
+        self._check_damp()
         if self.blocksize < 1:
             raise ConfigError(f"blocksize: {self.blocksize} must be positive")
         if self.accuracy_level not in contract.MATMULNBITS_ACCURACY_LEVELS:
@@ -180,6 +183,21 @@ class QuantConfig:
                 dataclasses.replace(self, layer_rules=(), **rule.settings())
             except ConfigError as exc:
                 raise ConfigError(f"layer_config {rule.pattern!r}: {exc}") from None
+
+    def _check_damp(self) -> None:
+        if isinstance(self.damp, str) and self.damp.lower() == AUTO:
+            object.__setattr__(self, "damp", AUTO)
+            return
+        if isinstance(self.damp, bool) or not isinstance(self.damp, numbers.Real):
+            raise ConfigError(f"damp: {self.damp!r} is not a number in [0, 1) or {AUTO!r}")
+        if not 0.0 <= self.damp < 1.0:
+            raise ConfigError(f"damp: {self.damp} must be in [0, 1) or {AUTO!r}")
+        object.__setattr__(self, "damp", float(self.damp))
+
+    @property
+    def damp_auto(self) -> bool:
+        """True when each layer's damping is chosen by held-out error (`damp="auto"`)."""
+        return self.damp == AUTO
 
     def _resolve_head_and_embedding(self, set_: Callable[[str, Any], None]) -> None:
         """Replace "auto" head and embedding widths by the defaults the docstring gives."""

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_gptq import rewrite
-from onnx_gptq.calibrate.statistics import HessianStats, weight_hessian
+from onnx_gptq.calibrate.statistics import HessianStats, total_stats, weight_hessian
 from onnx_gptq.config import QuantConfig
 from onnx_gptq.report import LayerRow, PhaseTimer, Report
 from onnx_gptq.targets import WeightGroup
@@ -55,15 +55,25 @@ class LayerQuantizer:
         self.progress, self.total = progress, total
         self.bar: Any = None
 
-    def _solve_one(self, group: WeightGroup, stats: Mapping[str, HessianStats]) -> tuple[SolveResult, int]:
+    def _solve_one(self, group: WeightGroup,
+                   stats: Mapping[str, HessianStats]) -> tuple[SolveResult, int, dict[str, float] | None]:
+        """(the solve, calibration rows, held-out error per candidate damping or None)."""
         from onnx_gptq.solve import solve
 
-        hessian, rows = weight_hessian([t.activation.name for t in group.targets], stats)
+        activations = [t.activation.name for t in group.targets]
         w = group.load()  # [K, N]; read from disk only now
         config = self.config.for_layer(group.names, is_head=group.is_head)
+        if config.damp_auto and stats:
+            from onnx_gptq.damp_search import solve_auto
+
+            total = total_stats(activations, stats)
+            result, choice = solve_auto(w.T, total, config, scale_dtype=scale_dtype(group.dtype),
+                                        device=self.device, name=group.name)
+            return result, total.rows, {f"{d:g}": e for d, e in choice.held_errors.items()}
+        hessian, rows = weight_hessian(activations, stats)
         result = solve(w.T, hessian, config, scale_dtype=scale_dtype(group.dtype),
                        device=self.device, name=group.name)
-        return result, rows
+        return result, rows, None
 
     def __call__(self, groups: list[WeightGroup], stats: Mapping[str, HessianStats]) -> None:
         """Solve, pack and rewrite `groups`.
@@ -96,8 +106,9 @@ class LayerQuantizer:
                 finally:
                     torch.set_num_threads(threads)
 
-    def _rewrite_all(self, groups: list[WeightGroup], results: Iterable[tuple[SolveResult, int]]) -> None:
-        for group, (result, rows) in zip(groups, results):
+    def _rewrite_all(self, groups: list[WeightGroup],
+                     results: Iterable[tuple[SolveResult, int, dict[str, float] | None]]) -> None:
+        for group, (result, rows, held_errors) in zip(groups, results):
             config = self.config.for_layer(group.names, is_head=group.is_head)
             with self.phase("pack+rewrite"):
                 fmt, why = rewrite.choose_format(config.format, result.qweight, group.dtype, group.name,
@@ -115,7 +126,7 @@ class LayerQuantizer:
                 name=group.name, module=group.targets[0].module, nodes=[t.name for t in group.targets],
                 shape=(k, n), bits=config.bits, group_size=result.qweight.group_size, format=fmt.value,
                 damp=result.damp, error=result.error, rtn_error=result.rtn_error, seconds=result.seconds,
-                calibration_rows=rows))
+                calibration_rows=rows, damp_held_errors=held_errors))
             if self.bar is not None:
                 self.bar.update(1)
 

@@ -167,11 +167,11 @@ class GptqPass(ir.passes.InPlacePass):
                                "block in float (same Hessians as one pass, bounded memory)")
             run_sequential(model, groups, batches, solve_stage=quantizer, model_dir=self.model_dir,
                            providers=providers, progress=self.progress, timings=quantizer.report.phases,
-                           partition=partition, float_forward=not sequential)
+                           partition=partition, float_forward=not sequential, hold_out=self.config.damp_auto)
             return
         with phase("calibrate"):
             proto = model_io.to_proto(model)  # the float model: one-pass Hessians all come from it
-        passes = statistics.plan_passes(groups, activation_widths, budget)
+        passes = statistics.plan_passes(groups, activation_widths, budget, held_out=self.config.damp_auto)
         if len(passes) > 1:
             logger.info("Hessians exceed the memory budget: calibrating in %d passes", len(passes))
         for chunk in passes:
@@ -180,7 +180,7 @@ class GptqPass(ir.passes.InPlacePass):
                 # Each planned pass fits the budget, so onnxruntime runs it in one go.
                 stats = calibrate.collect_hessians(proto, activations, batches, model_dir=self.model_dir,
                                                    providers=providers, memory_budget=budget,
-                                                   progress=self.progress)
+                                                   progress=self.progress, hold_out=self.config.damp_auto)
             quantizer(chunk, stats)
             del stats
 

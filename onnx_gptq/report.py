@@ -33,7 +33,9 @@ class LayerRow:
 
     `error` and `rtn_error` are relative output errors tr(dW H dW^T) / tr(W H W^T)
     of the solver's result and of round-to-nearest on the same grid (H from
-    calibration; weight-space errors when there was none).
+    calibration; weight-space errors when there was none). `damp` is the damping
+    the solve used; with damp "auto", `damp_held_errors` gives each candidate's
+    relative held-out error (`damp_search`), else it is None.
     """
 
     name: str
@@ -48,6 +50,7 @@ class LayerRow:
     rtn_error: float
     seconds: float
     calibration_rows: int
+    damp_held_errors: dict[str, float] | None = None
 
 
 @dataclasses.dataclass

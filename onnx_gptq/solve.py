@@ -31,7 +31,7 @@ import torch
 
 from onnx_gptq import error_traces, grid
 from onnx_gptq.config import Algo, QuantConfig
-from onnx_gptq.errors import CalibrationError, ModelError
+from onnx_gptq.errors import CalibrationError, ConfigError, ModelError
 from onnx_gptq.qweight import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -285,9 +285,12 @@ def solve(W: np.ndarray, H: np.ndarray | None, config: QuantConfig, *,
     Raises:
         ModelError: W is not 2-D or not finite.
         CalibrationError: H has the wrong shape or is not finite.
+        ConfigError: damp "auto", which needs held-out statistics (`damp_search.solve_auto`).
     """
     t0 = time.perf_counter()
     label = name or "weight"
+    if config.damp_auto and config.algo is Algo.GPTQ and H is not None:
+        raise ConfigError(f"{label}: damp 'auto' is chosen by damp_search.solve_auto, not solve")
     dev = torch.device(device) if device is not None else default_device()
     W_np = np.asarray(W)
     if W_np.ndim != 2 or W_np.size == 0:

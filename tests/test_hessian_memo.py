@@ -34,3 +34,16 @@ def test_rows_after_the_first_reuse_its_hessians(tiny_llama_onnx: Path, calib_id
     assert want.keys() == got.keys()
     assert all(np.array_equal(want[k], got[k]) for k in want)
     assert any(not np.array_equal(want[k], other[k]) for k in want)  # damping changed the codes
+
+
+@pytest.mark.parametrize("tiny_llama_onnx", [False], indirect=True, ids=["torchscript"])
+def test_a_fixed_damp_row_reuses_the_held_out_calibration_of_an_auto_row(tiny_llama_onnx: Path, calib_ids: Path,
+                                                                         tmp_path: Path) -> None:
+    calib = CalibConfig(num_samples=8, seq_len=32, batch_size=1, sequential=False)
+    plain = quantize(tiny_llama_onnx, str(calib_ids), QuantConfig(), calib=calib, output=tmp_path / "p.onnx")
+    with reuse_hessians() as memo:
+        quantize(tiny_llama_onnx, str(calib_ids), QuantConfig(damp="auto"), calib=calib, output=tmp_path / "a.onnx")
+        quantize(tiny_llama_onnx, str(calib_ids), QuantConfig(), calib=calib, output=tmp_path / "f.onnx")
+        assert len(memo) == 1 and next(iter(memo.values()))[0]  # one calibration, held-out sums kept
+    want, got = _weights(plain), _weights(tmp_path / "f.onnx")
+    assert all(np.array_equal(want[k], got[k]) for k in want)

@@ -44,7 +44,8 @@ def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
                      providers: Sequence[Provider] = ("CPUExecutionProvider",),
                      session_options: ort.SessionOptions | None = None, progress: bool = False,
                      memory_budget: int | None = None,
-                     token_masks: Sequence[np.ndarray | None] | None = None) -> dict[str, HessianStats]:
+                     token_masks: Sequence[np.ndarray | None] | None = None,
+                     hold_out: bool = False) -> dict[str, HessianStats]:
     """Run the calibration batches through onnxruntime and sum X^T X of each activation.
 
     The caller's `model` is not modified. For each activation ``x`` (any
@@ -78,6 +79,9 @@ def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
             (`batching.token_mask`). When any batch is padded, the padded
             positions are kept out of every activation whose rows map to
             tokens (`calibrate.masked_taps`), and rows counts only real tokens.
+        hold_out: also sum the batches of the held-out slice apart
+            (`statistics.is_held_out`; damp "auto"): `HessianStats.held_xtx`.
+            The totals are the same sums as without it.
 
     Returns:
         activation name -> HessianStats (float64 sums), for every requested name.
@@ -96,34 +100,55 @@ def collect_hessians(model: onnx.ModelProto, activations: Sequence[str],
     taps = taps_mod.plan_taps(model, names)
     if not isinstance(batches, Sequence):
         batches = list(batches)  # read at least twice: for padding, then per pass
+    if hold_out:
+        statistics.is_held_out(0, len(batches))  # at least two batches, or a one-line error now
     masks = list(token_masks) if token_masks is not None else [token_mask(b) for b in batches]
     if len(masks) != len(batches):
         raise ValueError(f"token_masks: {len(masks)} masks for {len(batches)} batches")
     masked = any(m is not None for m in masks)
     budget = memory_budget if memory_budget is not None else statistics.default_memory_budget()
-    passes = statistics.plan_passes(sorted(taps, key=lambda t: t.order), lambda t: {t.name: t.k}, budget)
+    passes = statistics.plan_passes(sorted(taps, key=lambda t: t.order), lambda t: {t.name: t.k}, budget,
+                                    held_out=hold_out)
     if len(passes) > 1:
         logger.info("calibration: %d activations need %.2f GB of statistics, over the %.2f GB budget; "
                     "running %d passes over the data", len(taps),
-                    sum(statistics.hessian_bytes(t.k) for t in taps) / 1e9, budget / 1e9, len(passes))
+                    sum(statistics.hessian_bytes(t.k, hold_out) for t in taps) / 1e9, budget / 1e9, len(passes))
     folder = taps_mod.external_folder(model, model_dir)
 
     sums: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
+    held = _HeldOut(len(batches)) if hold_out else None
     for index, group in enumerate(passes):
         session = _open(model, group, folder, providers, session_options, masked)
         try:
             _run_pass(session, group, batches, masks if masked else None, sums, rows, progress=progress,
-                      label=f"calibration pass {index + 1}/{len(passes)}" if len(passes) > 1 else "calibration")
+                      label=f"calibration pass {index + 1}/{len(passes)}" if len(passes) > 1 else "calibration",
+                      held=held)
         finally:
             del session
     out: dict[str, HessianStats] = {}
     for tap in taps:
-        xtx = sums.pop(tap.name)
-        np.add(xtx, xtx.T, out=xtx)  # the float32 GEMM need not be bitwise symmetric
-        xtx *= 0.5
-        out[tap.name] = HessianStats(xtx=xtx, rows=rows[tap.name])
+        out[tap.name] = HessianStats(xtx=_symmetric(sums.pop(tap.name)), rows=rows[tap.name])
+        if held is not None:
+            out[tap.name].held_xtx = _symmetric(held.sums.pop(tap.name))
+            out[tap.name].held_rows = held.rows[tap.name]
     return out
+
+
+def _symmetric(xtx: np.ndarray) -> np.ndarray:
+    """(X^T X + its transpose) / 2, in place: the float32 GEMM need not be bitwise symmetric."""
+    np.add(xtx, xtx.T, out=xtx)
+    xtx *= 0.5
+    return xtx
+
+
+class _HeldOut:
+    """The held-out slice's sums (damp "auto"): which batches are in it, and what they added."""
+
+    def __init__(self, count: int) -> None:
+        self.batches = {i for i in range(count) if statistics.is_held_out(i, count)}
+        self.sums: dict[str, np.ndarray] = {}
+        self.rows: dict[str, int] = {}
 
 
 def _open(model: onnx.ModelProto, group: list[Tap], folder: Path | None,
@@ -140,8 +165,9 @@ def _open(model: onnx.ModelProto, group: list[Tap], folder: Path | None,
 
 def _run_pass(session: sessions.Session, taps: list[Tap], batches: Sequence[dict[str, np.ndarray]],
               masks: list[np.ndarray | None] | None, sums: dict[str, np.ndarray], rows: dict[str, int], *,
-              progress: bool, label: str) -> None:
-    """Run every batch once, adding each tap's float32 X^T X into its float64 sum (in place).
+              progress: bool, label: str, held: _HeldOut | None = None) -> None:
+    """Run every batch once, adding each tap's float32 X^T X into its float64 sum (in place),
+    and, with `held`, the held-out batches' into the held-out sums too.
 
     With `masks` (a masked session), each batch is fed its token mask (an
     empty one when it has no padding), and activations whose rows did not map
@@ -155,6 +181,9 @@ def _run_pass(session: sessions.Session, taps: list[Tap], batches: Sequence[dict
     for tap in taps:
         sums.setdefault(tap.name, np.zeros((tap.k, tap.k), np.float64))
         rows.setdefault(tap.name, 0)
+        if held is not None:
+            held.sums.setdefault(tap.name, np.zeros((tap.k, tap.k), np.float64))
+            held.rows.setdefault(tap.name, 0)
     iterator: Iterator[dict[str, np.ndarray]] = iter(batches)
     if progress:
         from tqdm.auto import tqdm
@@ -174,10 +203,14 @@ def _run_pass(session: sessions.Session, taps: list[Tap], batches: Sequence[dict
         if masks is not None:
             feeds = {**feeds, TOKEN_MASK: _EMPTY_MASK if mask is None else np.asarray(mask, bool)}
         results = session.run(output_names, feeds, context=f"calibration batch {index}")
+        in_held = held is not None and index in held.batches
         for j, tap in enumerate(taps):
             xtx, size = results[2 * j], int(results[2 * j + 1])
             sums[tap.name] += xtx
             rows[tap.name] += size // tap.k
+            if in_held:
+                held.sums[tap.name] += xtx
+                held.rows[tap.name] += size // tap.k
             if mask is not None and not bool(results[2 * len(taps) + j]):
                 unmapped[tap.name] = None
         seen += 1

@@ -186,7 +186,8 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
                    solve_stage: SolveStage, model_dir: Path | None, providers: Sequence[str],
                    cache_dir: Path | None = None, spill_bytes: int = 2 << 30, progress: bool = False,
                    max_crossing: int = DEFAULT_MAX_CROSSING, partition: Partition | None = None,
-                   timings: dict[str, float] | None = None, float_forward: bool = False) -> None:
+                   timings: dict[str, float] | None = None, float_forward: bool = False,
+                   hold_out: bool = False) -> None:
     """Calibrate and quantize `model` stage by stage, each stage seeing earlier ones quantized.
 
     Args:
@@ -213,6 +214,7 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
             a time instead of the whole model's (a staged one-pass). A
             quantized layer whose output itself crosses a cut is then
             reported as a ModelError by the next stage.
+        hold_out: the statistics also keep a held-out slice of the batches (damp "auto").
 
     Raises:
         ModelError: no usable cut (see `plan_stages`); a stage submodel onnxruntime cannot load.
@@ -242,7 +244,7 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
         for stage in stages:
             _run_stage(model, partition, stage, cache, solve_stage=solve_stage, model_dir=model_dir,
                        providers=providers, progress=progress, clock=clock, float_forward=float_forward,
-                       masks=masks)
+                       masks=masks, hold_out=hold_out)
         logger.info("sequential calibration: %d stages; activation cache peak %.1f MB in memory, %.1f MB spilled",
                     len(partition.stages), cache.peak_memory_bytes / 1e6, cache.spilled_bytes / 1e6)
     finally:
@@ -251,7 +253,7 @@ def run_sequential(model: ir.Model, groups: list[WeightGroup], batches: list[dic
 
 def _run_stage(model: ir.Model, partition: Partition, stage: Stage, cache: ActivationCache, *,
                solve_stage: SolveStage, model_dir: Path | None, providers: Sequence[str], progress: bool,
-               clock: PhaseTimer, float_forward: bool, masks: list[np.ndarray | None]) -> None:
+               clock: PhaseTimer, float_forward: bool, masks: list[np.ndarray | None], hold_out: bool) -> None:
     graph = model.graph
     last = stage.index == len(partition.stages) - 1
     view = stage_view(graph, partition, stage.index)
@@ -270,7 +272,8 @@ def _run_stage(model: ir.Model, partition: Partition, stage: Stage, cache: Activ
         with clock("sequential:calibrate"):
             proto = _stage_proto(model, view, examples, outputs=[], model_dir=model_dir)
             stats = collect_hessians(proto, activations, feeds, model_dir=model_dir,
-                                     providers=providers, progress=progress, token_masks=masks)
+                                     providers=providers, progress=progress, token_masks=masks,
+                                     hold_out=hold_out)
             del proto
         with clock("sequential:solve"):
             solve_stage(stage.groups, stats)
