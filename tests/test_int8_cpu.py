@@ -244,10 +244,14 @@ def test_gemm_path_block_groups(monkeypatch: pytest.MonkeyPatch, isa: str, bits:
 @pytest.mark.parametrize("group", [128, 32])
 @pytest.mark.parametrize("m", [5, 70])
 def test_gemm_path_float16_and_bias(bits: int, group: int, m: int) -> None:
-    k = 11 * group
-    qw = make_weight(10, k, bits, group, dtype=np.float16, seed=bits)
+    assert_float16_with_bias_within_bound(10, 11 * group, bits, group, m)
+
+
+def assert_float16_with_bias_within_bound(n: int, k: int, bits: int, group: int, m: int) -> None:
+    """fp16 A, scales and bias: the int8 bound plus the fp16 rounding of the output."""
+    qw = make_weight(n, k, bits, group, dtype=np.float16, seed=bits)
     x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float16)
-    bias = np.random.default_rng(1).standard_normal(10).astype(np.float16)
+    bias = np.random.default_rng(1).standard_normal(n).astype(np.float16)
     y = run_int8(qw, x, bias=bias).astype(np.float64)
     ref = reference(qw, x) + bias.astype(np.float64)
     bound = quantization_bound(qw, x.astype(np.float32)) + 2.0 ** -10 * np.abs(ref)  # + fp16 output rounding
@@ -300,14 +304,7 @@ def test_gemv_path_edges(monkeypatch: pytest.MonkeyPatch, isa: str, bits: int, g
 @pytest.mark.parametrize("group", [128, 64])
 @pytest.mark.parametrize("m", [1, 3])
 def test_gemv_path_float16_and_bias(bits: int, group: int, m: int) -> None:
-    k = 7 * group + group // 2
-    qw = make_weight(9, k, bits, group, dtype=np.float16, seed=bits)
-    x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float16)
-    bias = np.random.default_rng(2).standard_normal(9).astype(np.float16)
-    y = run_int8(qw, x, bias=bias).astype(np.float64)
-    ref = reference(qw, x) + bias.astype(np.float64)
-    bound = quantization_bound(qw, x.astype(np.float32)) + 2.0 ** -10 * np.abs(ref)  # + fp16 output rounding
-    assert float((np.abs(y - ref) / bound).max()) <= 1.0
+    assert_float16_with_bias_within_bound(9, 7 * group + group // 2, bits, group, m)
 
 
 @pytest.mark.parametrize("m", [4, 5, 6])
