@@ -244,10 +244,14 @@ def test_gemm_path_block_groups(monkeypatch: pytest.MonkeyPatch, isa: str, bits:
 @pytest.mark.parametrize("group", [128, 32])
 @pytest.mark.parametrize("m", [5, 70])
 def test_gemm_path_float16_and_bias(bits: int, group: int, m: int) -> None:
-    k = 11 * group
-    qw = make_weight(10, k, bits, group, dtype=np.float16, seed=bits)
+    assert_float16_with_bias_within_bound(10, 11 * group, bits, group, m)
+
+
+def assert_float16_with_bias_within_bound(n: int, k: int, bits: int, group: int, m: int) -> None:
+    """fp16 A, scales and bias: the int8 bound plus the fp16 rounding of the output."""
+    qw = make_weight(n, k, bits, group, dtype=np.float16, seed=bits)
     x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float16)
-    bias = np.random.default_rng(1).standard_normal(10).astype(np.float16)
+    bias = np.random.default_rng(1).standard_normal(n).astype(np.float16)
     y = run_int8(qw, x, bias=bias).astype(np.float64)
     ref = reference(qw, x) + bias.astype(np.float64)
     bound = quantization_bound(qw, x.astype(np.float32)) + 2.0 ** -10 * np.abs(ref)  # + fp16 output rounding
@@ -255,10 +259,10 @@ def test_gemm_path_float16_and_bias(bits: int, group: int, m: int) -> None:
 
 
 @pytest.mark.parametrize("accuracy_level", [0, 4])
-@pytest.mark.parametrize("m", [16, 40, 129])
+@pytest.mark.parametrize("m", [1, 3, 6, 16, 40, 129])
 def test_threads_give_identical_results(accuracy_level: int, m: int) -> None:
     """The task partition follows the hardware, not the session's threads: one and
-    two intra-op threads must give the same bits (both GEMM paths, their edges)."""
+    two intra-op threads must give the same bits (GEMV and both GEMM paths, their edges)."""
     k = 9 * 128 + 64
     qw = make_weight(37, k, 4, 128, seed=m)
     x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
@@ -274,3 +278,38 @@ def test_threads_give_identical_results(accuracy_level: int, m: int) -> None:
     else:
         size = np.abs(x.astype(np.float64)) @ np.abs(qw.dequantize().astype(np.float64)).T
         assert float((np.abs(ys[0] - reference(qw, x)) / (U32 * size)).max()) <= 64.0
+
+
+# The GEMV path (int8_gemv.h, m <= 4, or <= 6 for packed weights up to 1 MiB):
+# blocks of one and two 64-byte vectors, and the half vector (32 bytes of 2/4/8
+# bits, 24 of 3 bits) that group 64 and a ragged last block leave; m = 7 is
+# the GEMM path just past the threshold.
+@pytest.mark.parametrize("isa", INT8_ISAS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [128, 64])
+@pytest.mark.parametrize("ragged", [False, True])
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("m", [1, 2, 4, 6, 7])
+def test_gemv_path_edges(monkeypatch: pytest.MonkeyPatch, isa: str, bits: int, group: int, ragged: bool,
+                         sym: bool, m: int) -> None:
+    monkeypatch.setenv("ONNX_GPTQ_CPU_ISA", isa)
+    k = 4 * group + group // 2 if ragged else 5 * group
+    qw = make_weight(11, k, bits, group, sym=sym, seed=bits + k + m)
+    x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+    ratio = assert_within_quantization_bound(qw, x, run_int8(qw, x))
+    assert ratio > 1e-3
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group", [128, 64])
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_path_float16_and_bias(bits: int, group: int, m: int) -> None:
+    assert_float16_with_bias_within_bound(9, 7 * group + group // 2, bits, group, m)
+
+
+@pytest.mark.parametrize("m", [4, 5, 6])
+def test_gemv_row_limit_follows_weight_size(m: int) -> None:
+    """A packed weight over 1 MiB takes the GEMM path from m = 5: both sides of it stay within the bound."""
+    qw = make_weight(1040, 2048, 4, 128, seed=m)
+    x = np.random.default_rng(m).standard_normal((m, 2048)).astype(np.float32)
+    assert_within_quantization_bound(qw, x, run_int8(qw, x))

@@ -32,7 +32,10 @@
 //
 // Paths
 // -----
-// * M <= kInt8DirectRows: per tile of columns, unpack codes straight from B.
+// * M <= GemvRowLimit (4, or 6 for packed weights up to 1 MiB), blocks of
+//   whole chunks: int8_gemv.h, codes straight from B in the GEMM path's
+//   vectors, zero points inside the integer dot products.
+// * Other M <= kInt8DirectRows: per tile of columns, unpack codes straight from B.
 // * Larger M: tasks own a range of columns and a block of rows; each unpacks
 //   a tile of columns once into scratch and reuses it for every row of its
 //   block (so unpacking is amortised and the activations stay in L2).
@@ -59,6 +62,8 @@ struct Call {
   int64_t unit_bytes = 0, unit_codes = 0, cpb = 1, bpc = 1, n_units = 0, simd_blocks = 0;
   int64_t last_cpb = 1;  // chunks of the last unit that reach below K
   bool gemm_short = false;  // GEMM path with blocks shorter than a chunk (int8_gemm.h)
+  bool gemv = false;        // GEMV path (int8_gemv.h)
+  int64_t gemv_unit = 0;    // GEMV path: codes per block in the activation rows
   int code_offset = 0;  // subtracted from codes by the SIMD dot product (V8::CodeOffset)
   const float* scales_f32 = nullptr;
   const uint16_t* scales_f16 = nullptr;
@@ -71,6 +76,7 @@ struct Call {
   int8_t* act = nullptr;            // [M][Ka] quantized activations
   float* sa = nullptr;              // [M][sa_stride] activation scale per block
   float* asq = nullptr;             // [M][n_q] sa * sum of q per block
+  int32_t* qsum = nullptr;          // [M][n_q] sum of q per block (the GEMV path's zero points)
   float* Yf = nullptr;              // [M][N] fp32 result (Y itself when T is float32)
   const float* bias = nullptr;      // fp32 [N] or nullptr
   int64_t cols_per_task = 0, rows_per_block = 0, col_groups = 0, rows_per_task = 0;
@@ -129,6 +135,7 @@ void QuantizeTask(void* ctx, size_t task) {
         int32_t qsum = 0;
         sa[b] = V8::QuantizeBlock(a + k0, len, qrow + k0, &qsum);
         asq[b] = sa[b] * float(qsum);
+        c.qsum[m * c.n_q + b] = qsum;
       }
       for (int64_t k = 0; k < c.K; ++k) dst[c.kperm[k]] = qrow[k];
     } else {
@@ -138,6 +145,7 @@ void QuantizeTask(void* ctx, size_t task) {
         int32_t qsum = 0;
         sa[g] = V8::QuantizeBlock(sorted + p0, p1 - p0, dst + p0, &qsum);
         asq[g] = sa[g] * float(qsum);
+        c.qsum[m * c.n_q + g] = qsum;
       }
     }
   }
@@ -420,6 +428,23 @@ constexpr int64_t kInt8DirectRows = 3;
 
 #include "int8_gemm.h"
 
+// Largest M served by the GEMV path (int8_gemv.h) where it applies: it reads
+// B once per 4 rows, the GEMM path once per 64 but with 4-row register tiles,
+// so m = 5, 6 cost the GEMM path two tiles. Measured (4-bit g128, one thread,
+// warm kernel): at m = 4 GEMV 74 / 276 / 1074 us against GEMM 94 / 276 / 1095
+// on 576x1536 / 2048x2048 / 4096x4096; at m = 6 GEMV wins only on 576x1536
+// (115 against 145 us), whose packed weight stays in L2 across the passes.
+constexpr int64_t kInt8GemvRows = 4;
+constexpr int64_t kInt8GemvRowsL2 = 6;
+constexpr int64_t kInt8GemvL2Bytes = int64_t(1) << 20;
+
+// The GEMV path's row limit for this weight.
+inline int64_t GemvRowLimit(const Call& c) {
+  return c.N * c.n_blocks * c.blob <= kInt8GemvL2Bytes ? kInt8GemvRowsL2 : kInt8GemvRows;
+}
+
+#include "int8_gemv.h"
+
 // ------------------------------------------------------------------ g_idx
 
 // Per output column: gather its codes into group order, then one exact dot
@@ -513,17 +538,20 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
   Buffer qstart(p.g_idx ? size_t(c.n_groups + 1) * sizeof(int32_t) : 0);
   if (!kperm.ptr || !qstart.ptr) return Status::kOutOfMemory;
   int32_t* kp = kperm.as<int32_t>();
-  bool use_gemm = false;
+  bool use_gemm = false, use_gemv = false;
   if (!p.g_idx) {
     PlanUnits<V8, BITS>(c);
     if constexpr (V8::kSimd) {
-      use_gemm = UseGemm<V8, BITS>(c);
+      use_gemv = c.M <= GemvRowLimit(c) && UseGemv<V8, BITS>(c);
+      use_gemm = !use_gemv && UseGemm<V8, BITS>(c);
       if (use_gemm) {
         c.Ka = c.n_blocks * c.bs;
         for (int64_t k = 0; k < c.K; ++k) kp[k] = int32_t(GemmPosition<V8, BITS>(c, k));
+      } else if (use_gemv) {
+        GemvPositions<V8, BITS>(c, kp);
       }
     }
-    if (!use_gemm) {
+    if (!use_gemm && !use_gemv) {
       for (int64_t k = 0; k < c.K; ++k) kp[k] = int32_t(UnitPosition<V8, BITS>(c, k));
     }
     c.n_q = c.n_blocks;
@@ -551,12 +579,14 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
   Buffer act(size_t(c.M * c.Ka));
   Buffer sa(size_t(c.M * c.sa_stride) * sizeof(float));
   Buffer asq(size_t(c.M * c.n_q + 8) * sizeof(float));  // + 8: the GEMM path reads 8 lanes
+  Buffer qsum(size_t(c.M * c.n_q) * sizeof(int32_t));
   Buffer bias_f(p.bias && p.dtype == DType::kFloat16 ? size_t(c.N) * sizeof(float) : 0);
   Buffer y_f(p.dtype == DType::kFloat16 ? size_t(c.M * c.N) * sizeof(float) : 0);
-  if (!act.ptr || !sa.ptr || !asq.ptr || !bias_f.ptr || !y_f.ptr) return Status::kOutOfMemory;
+  if (!act.ptr || !sa.ptr || !asq.ptr || !qsum.ptr || !bias_f.ptr || !y_f.ptr) return Status::kOutOfMemory;
   c.act = act.as<int8_t>();
   c.sa = sa.as<float>();
   c.asq = asq.as<float>();
+  c.qsum = qsum.as<int32_t>();
   if (p.bias) {
     if (p.dtype == DType::kFloat32) {
       c.bias = static_cast<const float*>(p.bias);
@@ -580,6 +610,8 @@ Status RunBits(const GptqMatMulParams& p, const ParallelRunner& runner) {
   c.cols_per_task = MaxI(16, CeilDiv(CeilDiv(c.N, int64_t(threads) * 8), 4) * 4);
   if (p.g_idx) {
     runner.run(runner.ctx, size_t(CeilDiv(c.N, c.cols_per_task)), &GidxTask<V8, BITS>, &c);
+  } else if (use_gemv) {
+    if constexpr (V8::kSimd) runner.run(runner.ctx, size_t(CeilDiv(c.N, c.cols_per_task)), &GemvTask<V8, BITS>, &c);
   } else if (c.M <= kInt8DirectRows) {
     runner.run(runner.ctx, size_t(CeilDiv(c.N, c.cols_per_task)), &DirectTask<V8, BITS>, &c);
   } else {

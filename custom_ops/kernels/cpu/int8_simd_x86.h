@@ -20,6 +20,29 @@ namespace GPTQ_ISA_NS {
 // interleaved 32-byte layout either one 32-byte step at a time (Y) or two at
 // once (Z, AVX-512: lane d of a 64-byte vector belongs to the block of lane
 // d % 8 of a 32-byte one, so the per-lane scales repeat in both halves).
+// The 64 codes of a 3-bit chunk (24 bytes) in two vectors: byte i of dword j
+// of out[s] holds code 8j + 4s + i.
+inline void Unpack3Y(const uint8_t* src, __m256i* out) {
+  const __m256i v = Load3BitGroups(src);
+  // Codes i = 0..3 of a dword sit at bits 3i; move each to byte i.
+  for (int s = 0; s < 2; ++s) {
+    const __m256i t = _mm256_srli_epi32(v, 12 * s);
+    __m256i x = _mm256_and_si256(t, _mm256_set1_epi32(0x7));
+    x = _mm256_or_si256(x, _mm256_and_si256(_mm256_slli_epi32(t, 5), _mm256_set1_epi32(0x700)));
+    x = _mm256_or_si256(x, _mm256_and_si256(_mm256_slli_epi32(t, 10), _mm256_set1_epi32(0x70000)));
+    x = _mm256_or_si256(x, _mm256_and_si256(_mm256_slli_epi32(t, 15), _mm256_set1_epi32(0x7000000)));
+    out[s] = x;
+  }
+}
+
+// y[0..3] = {sum of a's lanes, b's, c's, d's} (+ bias[0..3] unless nullptr).
+inline void StoreSums4Y(float* y, __m256 a, __m256 b, __m256 c, __m256 d, const float* bias) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  if (bias) v = _mm_add_ps(v, _mm_loadu_ps(bias));
+  _mm_storeu_ps(y, v);
+}
+
 struct X86GemmY {
   static constexpr int kStep = 32;
   using I = __m256i;
@@ -35,6 +58,24 @@ struct X86GemmY {
   static F Fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
   static F FromLanes(__m256 v) { return v; }
   static float Hsum(F v) { return Avx2V::Hsum(v); }
+  // Vector s of a loaded chunk of 2/4/8-bit codes, each byte unpacked on its
+  // own: byte L holds code L * (8 / BITS) + s (int8_gemv.h).
+  template <int BITS>
+  static I UnpackByte(I v, int s) {
+    if constexpr (BITS == 8) {
+      return v;
+    } else {
+      return _mm256_and_si256(_mm256_srli_epi16(v, BITS * s), _mm256_set1_epi8(char((1 << BITS) - 1)));
+    }
+  }
+  static void Prefetch(const void* p) { __builtin_prefetch(p); }
+  static I FlipTopBit(I v) { return _mm256_xor_si256(v, _mm256_set1_epi8(char(0x80))); }
+  // A 3-bit GEMV chunk (24 bytes here; `half` is never set) in two vectors.
+  static void Unpack3(const uint8_t* src, bool, I* out) { Unpack3Y(src, out); }
+  // v plus x in int32 lane 0.
+  static I AddLane0(I v, int32_t x) { return _mm256_add_epi32(v, _mm256_zextsi128_si256(_mm_cvtsi32_si128(x))); }
+  // y[0..3] = the lane sums of a, b, c, d (+ bias[0..3] unless nullptr).
+  static void StoreSums4(float* y, F a, F b, F c, F d, const float* bias) { StoreSums4Y(y, a, b, c, d, bias); }
 };
 
 #if defined(__AVX512F__)
@@ -57,6 +98,40 @@ struct X86GemmZ {
     return _mm512_shuffle_f32x4(w, w, 0x44);  // 128-bit lanes 0, 1, 0, 1
   }
   static float Hsum(F v) { return _mm512_reduce_add_ps(v); }
+  template <int BITS>
+  static I UnpackByte(I v, int s) {
+    if constexpr (BITS == 8) {
+      return v;
+    } else {
+      return _mm512_and_si512(_mm512_srli_epi16(v, BITS * s), _mm512_set1_epi8(char((1 << BITS) - 1)));
+    }
+  }
+  static void Prefetch(const void* p) { __builtin_prefetch(p); }
+  static I FlipTopBit(I v) { return _mm512_xor_si512(v, _mm512_set1_epi8(char(0x80))); }
+  // The 128 codes of 48 bytes of 3-bit codes (the first 64 of 24 bytes where
+  // `half`) in two vectors, byte i of dword j of out[s] holding code 8j + 4s + i.
+  static void Unpack3(const uint8_t* src, bool half, I* out) {
+    const __m512i raw = _mm512_maskz_loadu_epi8(half ? __mmask64(0xffffffu) : __mmask64(0xffffffffffffull), src);
+    // Four 3-byte groups (12 bytes) per 128-bit lane, then each group to its own dword.
+    __m512i v = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0, 6, 7, 8, 0, 9, 10, 11, 0), raw);
+    v = _mm512_shuffle_epi8(v, _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1)));
+    for (int s = 0; s < 2; ++s) {
+      const __m512i t = s ? _mm512_srli_epi32(v, 12) : v;
+      // x | (t << sh) & mask, one ternary-logic op each (0xf8: A | (B & C)).
+      __m512i x = _mm512_and_si512(t, _mm512_set1_epi32(0x7));
+      x = _mm512_ternarylogic_epi32(x, _mm512_slli_epi32(t, 5), _mm512_set1_epi32(0x700), 0xf8);
+      x = _mm512_ternarylogic_epi32(x, _mm512_slli_epi32(t, 10), _mm512_set1_epi32(0x70000), 0xf8);
+      x = _mm512_ternarylogic_epi32(x, _mm512_slli_epi32(t, 15), _mm512_set1_epi32(0x7000000), 0xf8);
+      out[s] = x;
+    }
+  }
+  static I AddLane0(I v, int32_t x) { return _mm512_add_epi32(v, _mm512_zextsi128_si512(_mm_cvtsi32_si128(x))); }
+  static void StoreSums4(float* y, F a, F b, F c, F d, const float* bias) {
+    const auto fold = [](__m512 v) {
+      return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    };
+    StoreSums4Y(y, fold(a), fold(b), fold(c), fold(d), bias);
+  }
 };
 #endif
 
@@ -115,16 +190,7 @@ struct X86I8 {
   template <int BITS>
   static void Unpack(const uint8_t* src, I* out) {
     if constexpr (BITS == 3) {
-      const __m256i v = Load3BitGroups(src);
-      // Codes i = 0..3 of a dword sit at bits 3i; move each to byte i.
-      for (int s = 0; s < 2; ++s) {
-        const __m256i t = _mm256_srli_epi32(v, 12 * s);
-        __m256i x = _mm256_and_si256(t, _mm256_set1_epi32(0x7));
-        x = _mm256_or_si256(x, _mm256_and_si256(_mm256_slli_epi32(t, 5), _mm256_set1_epi32(0x700)));
-        x = _mm256_or_si256(x, _mm256_and_si256(_mm256_slli_epi32(t, 10), _mm256_set1_epi32(0x70000)));
-        x = _mm256_or_si256(x, _mm256_and_si256(_mm256_slli_epi32(t, 15), _mm256_set1_epi32(0x7000000)));
-        out[s] = x;
-      }
+      Unpack3Y(src, out);
     } else {
       UnpackBytes<BITS>(LoadI(src), out);
     }
@@ -230,6 +296,16 @@ struct X86I8 {
       return _mm256_add_epi16(acc, _mm256_maddubs_epi16(cv, av));
     }
 #endif
+  }
+  // Vector s of a GEMV chunk (int8_gemv.h): Gemm::UnpackByte, plus the
+  // 8-bit code offset of the AVX2 build (whose Gemm vectors are 32 bytes).
+  template <int BITS>
+  static Gemm::I GemvCodes(Gemm::I raw, int s) {
+    if constexpr (CodeOffset<BITS>() != 0) {
+      return Gemm::FlipTopBit(raw);
+    } else {
+      return Gemm::template UnpackByte<BITS>(raw, s);
+    }
   }
   template <int BITS>
   static constexpr int64_t NarrowVectors() {
